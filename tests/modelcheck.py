@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -55,7 +57,10 @@ def check_model(name: str, batch: int = 2, **overrides) -> costmodel.LayerGraph:
     inputs = models.example_inputs(cfg, batch, "meta")
     traced = trace(module, inputs)
     assert traced.params == params, f"{name}: traced params {traced.params} != module {params}"
-    assert counted_ops(analytic) == counted_ops(traced), f"{name}: analytic and traced ops differ"
+    a_ops, t_ops = counted_ops(analytic), counted_ops(traced)
+    diff = next((i for i, (x, y) in enumerate(zip(a_ops, t_ops)) if x != y), min(len(a_ops), len(t_ops)))
+    assert a_ops == t_ops, (f"{name}: analytic and traced ops differ at op {diff}: "
+                            f"analytic {a_ops[diff:diff + 1]} vs traced {t_ops[diff:diff + 1]}")
     fwd, bwd = flop_counter_flops(module, models.example_inputs(cfg, batch, "meta"))
     assert (analytic.counted_fwd_flops, analytic.counted_bwd_flops) == (fwd, bwd), (
         f"{name}: analytic fwd/bwd {analytic.counted_fwd_flops}/{analytic.counted_bwd_flops} "
@@ -74,5 +79,10 @@ def train_step(name: str, batch: int = 2) -> float:
     loss.backward()
     missing = [n for n, p in module.named_parameters() if p.grad is None]
     assert not missing, f"{name}: parameters without gradient: {missing[:5]}"
+    before = [p.detach().clone() for p in module.parameters()]
     opt.step()
-    return float(loss)
+    assert any(not torch.equal(b, p) for b, p in zip(before, module.parameters())), \
+        f"{name}: the optimizer step changed no parameter"
+    value = float(loss.detach())
+    assert math.isfinite(value), f"{name}: loss {value}"
+    return value

@@ -7,6 +7,7 @@ lower-case with dashes (`resnet50`, `vit-b16`, `llama3-405b`); every family has 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -147,7 +148,7 @@ def get(name: str, **overrides: Any) -> Any:
     """The config of flavour `name`, with `overrides` applied (e.g. `layers=4`)."""
     table = flavours()
     if name not in table:
-        close = [n for n in table if name.split("-")[0] in n][:8]
+        close = difflib.get_close_matches(name, table, n=5, cutoff=0.6)
         hint = f"; did you mean one of {close}" if close else ""
         raise ValueError(f"unknown model {name!r}{hint}. `workbench models` lists them all")
     return apply_overrides(table[name].config, **overrides)

@@ -1,6 +1,8 @@
 """Analytic graph of `workbench.models.llama.Llama` (dense and MoE)."""
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from ...models.llama import LlamaConfig
 from ..graph import POST_UNIT, PRE_UNIT, GraphBuilder, LayerGraph
 from . import graph_builder
@@ -59,4 +61,4 @@ def llama_graph(cfg: LlamaConfig, batch: int, dtype_bytes: int) -> LayerGraph:
     return LayerGraph(model="", family="llama", layers=b.layers, batch=batch, seq=s,
                       units=cfg.layers, heads=cfg.heads, kv_heads=cfg.kv_heads,
                       experts=cfg.experts or None, dtype_bytes=dtype_bytes,
-                      config=cfg.__dict__.copy())
+                      config=asdict(cfg))

@@ -1,0 +1,122 @@
+"""The `workbench` command: thin argument parsing over tested library functions."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from . import costmodel, models
+
+
+def si(value: float, unit: str = "") -> str:
+    """Human form with an SI prefix: 8030261248 -> '8.03 G'."""
+    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}".rstrip()
+
+
+def table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A plain-text table: left-aligned text, right-aligned numbers."""
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    numeric = [all(_is_number(r.get(c)) for r in rows) for c in columns]
+
+    def fmt(values):
+        return "  ".join(v.rjust(w) if n else v.ljust(w)
+                         for v, w, n in zip(values, widths, numeric)).rstrip()
+
+    return "\n".join([fmt(columns), fmt(["-" * w for w in widths])] + [fmt(r) for r in cells])
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) or (isinstance(v, str) and v[:1].isdigit())
+
+
+def parse_set(text: str | None) -> dict[str, str]:
+    """`layers=4,hidden=256` -> {'layers': '4', 'hidden': '256'} (values coerced later)."""
+    out: dict[str, str] = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set: expected key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def model_rows() -> list[dict[str, Any]]:
+    """One row per flavour: family, parameters, forward FLOPs per sample, source."""
+    rows = []
+    for name, flavour in sorted(models.flavours().items(), key=lambda kv: (kv[1].family, kv[0])):
+        g = costmodel.graph(flavour.config, batch=1)
+        rows.append({"model": name, "family": flavour.family, "params": g.params,
+                     "fwd_flops_per_sample": g.fwd_flops,
+                     "counted_fwd_flops_per_sample": g.counted_fwd_flops,
+                     "seq": g.seq, "source": flavour.source})
+    return rows
+
+
+def cmd_models(args) -> int:
+    """`workbench models`: every model and flavour with parameters and FLOPs per sample."""
+    rows = model_rows()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    pretty = [{"model": r["model"], "family": r["family"], "params": si(r["params"]),
+               "fwd FLOP/sample": si(r["fwd_flops_per_sample"]),
+               "seq": r["seq"] or "", "source": r["source"][:60]} for r in rows]
+    print(table(pretty, ["model", "family", "params", "fwd FLOP/sample", "seq", "source"]))
+    return 0
+
+
+def cmd_graph(args) -> int:
+    """`workbench graph MODEL`: the per-layer table of the analytic layer graph."""
+    g = costmodel.graph(args.model, batch=args.batch, **parse_set(args.set))
+    if args.json:
+        print(json.dumps(g.to_json(), indent=1))
+        return 0
+    rows = [{"layer": l.name, "kind": l.kind, "unit": _unit_label(l.unit), "params": l.params,
+             "fwd FLOP": si(l.fwd_flops), "bwd FLOP": si(l.bwd_flops),
+             "saved": si(l.saved_bytes, "B"), "tp": l.tp} for l in g.layers]
+    print(table(rows, ["layer", "kind", "unit", "params", "fwd FLOP", "bwd FLOP", "saved", "tp"]))
+    s = g.summary()
+    print(f"\n{s['model']}: {s['params']:,} parameters, {len(g.layers)} ops, {g.units} units; "
+          f"batch {g.batch}{f' x seq {g.seq}' if g.seq else ''}: forward {si(g.fwd_flops, 'FLOP')}, "
+          f"backward {si(g.bwd_flops, 'FLOP')}, saved activations {si(g.saved_bytes, 'B')}")
+    return 0
+
+
+def _unit_label(unit: int) -> str:
+    from .costmodel.graph import POST_UNIT, PRE_UNIT
+    return {PRE_UNIT: "pre", POST_UNIT: "post"}.get(unit, str(unit))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    p = argparse.ArgumentParser(prog="workbench", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("models", help="list every model and flavour")
+    m.add_argument("--json", action="store_true", help="print JSON")
+    m.set_defaults(func=cmd_models)
+    g = sub.add_parser("graph", help="per-layer table of a model's layer graph")
+    g.add_argument("model", help="flavour name, e.g. llama3-8b (see `workbench models`)")
+    g.add_argument("--set", help="config overrides, e.g. layers=4,hidden=256")
+    g.add_argument("--batch", type=int, default=1, help="samples (default 1)")
+    g.add_argument("--json", action="store_true", help="print JSON")
+    g.set_defaults(func=cmd_graph)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; bad input prints one clear line and exits 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        print(f"workbench {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
