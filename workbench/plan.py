@@ -1,31 +1,20 @@
 """Plan: how one training step is split over a cluster (DESIGN.md, "One Plan").
 
-A `Plan` holds the parallel degrees, the batch split and the few execution choices
-(recomputation, schedule, ZeRO stage, dtype) that the cost model, the simulator, the runner
-and the app all read; none of them works the degrees out again. Like torchtitan's
-`ParallelDims`, it validates itself when made and exposes derived facts as properties.
+A `Plan` holds the parallel degrees, the batch split and the execution choices (recompute,
+schedule, ZeRO stage, dtype) that the cost model, simulator, runner and app all read. Like
+torchtitan's `ParallelDims`, it validates itself when made and exposes derived facts as
+properties. `Plan(...)` checks what the plan alone decides; `plan.validate(world_size,
+graph)` checks it against a cluster size and a model. Both collect EVERY broken rule into one
+`PlanError` (one line each; `field`/`rule` are the first's); `plan.violations(...)` returns
+the list without raising, for searches that discard many plans.
 
-Two levels of checking:
+Text form: `Plan.parse("dp=64,tp=8,pp=16,gbs=2048")`; `str(plan)` writes every key in `KEYS`
+order, `plan.compact()` only the non-defaults; `Plan.parse` reads both back to an equal plan.
 
-- `Plan(...)` / `Plan.parse(...)` check what the plan alone decides (degrees >= 1, known
-  names, ZeRO vs FSDP, vpp vs schedule, SP vs TP, EP inside fsdp x cp, batch into
-  microbatches, Megatron's interleaving rule);
-- `plan.validate(world_size, graph)` checks it against a cluster size and a model (degrees
-  multiply to the world size, TP divides heads, CP divides the sequence, every pipeline stage
-  gets a unit, EP divides the experts).
-
-Both collect every broken rule and raise ONE `PlanError` listing them all (one line each);
-its `field` and `rule` are those of the first. `plan.violations(world_size, graph)` returns
-the list without raising (for searches that discard thousands of plans).
-
-Text form: `Plan.parse("dp=64,tp=8,pp=16,mb=1,gbs=2048")`; `str(plan)` writes every key in
-the fixed order of `KEYS`, `plan.compact()` only the keys that differ from their defaults;
-`Plan.parse` reads both back to an equal plan.
-
-Pipeline stages take whole units (`LayerGraph.units`): `stage_units` splits them as evenly as
-possible, giving the first and last virtual stages the fewer units where the split is uneven,
-since they also carry the embeddings and the output head (Llama 3 405B: 126 layers on 16
-stages = 7, 8 x 14, 7; Dubey et al. 2024, arXiv 2407.21783, section 3.3.2).
+Pipeline stages take whole units (`LayerGraph.units`), split as evenly as possible with the
+first and last virtual stages getting the fewer where uneven, since they also carry the
+embeddings and the output head (Llama 3 405B: 126 layers on 16 stages = 7, 8 x 14, 7;
+Dubey et al. 2024, arXiv 2407.21783, section 3.3.2).
 """
 from __future__ import annotations
 
@@ -105,7 +94,8 @@ class Plan:
 
     World size = dp_replicate x dp_shard x cp x tp x pp; `ep` is carved out of dp_shard x cp
     (as in torchtitan) and does not multiply it. Defaults: every degree 1, mb=1,
-    gbs = mb x dp_replicate x dp_shard (one microbatch per DP rank), sp false, recompute none,
+    gbs = mb x dp_replicate x dp_shard x pp (pp microbatches per DP rank, the fewest that
+    fill the pipeline; one without PP), sp false, recompute none,
     schedule 1f1b (interleaved-1f1b when vpp > 1), zero 0, dtype bf16. Defaults are resolved
     when the plan is made, so `dataclasses.replace` keeps the resolved gbs and schedule.
     """
@@ -130,7 +120,7 @@ class Plan:
     """Samples per microbatch on one DP rank. Key `mb`."""
     global_batch_size: int | None = None
     """Samples per optimizer step over all DP ranks. Key `gbs`. None (the default) means
-    microbatch_size x dp_replicate x dp_shard, and is resolved when the plan is made."""
+    microbatch_size x dp_replicate x dp_shard x pp, resolved when the plan is made."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism: norms/dropout split along the sequence over the TP
     group (Korthikanti et al. 2022). Key `sp` (true/false). Needs tp > 1."""
@@ -156,8 +146,8 @@ class Plan:
         _raise_if(self._check_consistency())
 
     def _default_global_batch_size(self) -> int:
-        """One microbatch per DP rank: mb x dp_replicate x dp_shard."""
-        return self.microbatch_size * self.dp_degree
+        """pp microbatches per DP rank, the fewest that fill the pipeline (one without PP)."""
+        return self.microbatch_size * self.dp_degree * self.pp
 
     def _default_schedule(self) -> str:
         """1f1b, or interleaved-1f1b when there are model chunks (vpp > 1)."""
@@ -259,8 +249,9 @@ class Plan:
         for item in text.split(",") if text.strip() else []:
             key, eq, raw = (part.strip() for part in item.partition("="))
             if not eq or not key or not raw:
-                out.append(Violation(KEYS.get(key, key or "text"), "items are key=value, "
-                                     "separated by commas", f"{item.strip()!r} is not key=value"))
+                out.append(Violation(KEYS.get(key, key) if eq and key else "text", "items are "
+                                     "key=value, separated by commas",
+                                     f"{item.strip()!r} is not key=value"))
                 continue
             if key not in KEYS:
                 out.append(Violation(key, f"keys are {', '.join(KEYS)}",
@@ -350,25 +341,10 @@ class Plan:
         """Whether FSDP shards within groups that are replicated (both DP degrees > 1)."""
         return self.dp_replicate > 1 and self.dp_shard > 1
 
-    @property
-    def tp_enabled(self) -> bool:
-        """Whether tensor parallelism is on."""
-        return self.tp > 1
-
-    @property
-    def pp_enabled(self) -> bool:
-        """Whether pipeline parallelism is on."""
-        return self.pp > 1
-
-    @property
-    def cp_enabled(self) -> bool:
-        """Whether context parallelism is on."""
-        return self.cp > 1
-
-    @property
-    def ep_enabled(self) -> bool:
-        """Whether expert parallelism is on."""
-        return self.ep > 1
+    tp_enabled = property(lambda self: self.tp > 1, doc="Whether tensor parallelism is on.")
+    pp_enabled = property(lambda self: self.pp > 1, doc="Whether pipeline parallelism is on.")
+    cp_enabled = property(lambda self: self.cp > 1, doc="Whether context parallelism is on.")
+    ep_enabled = property(lambda self: self.ep > 1, doc="Whether expert parallelism is on.")
 
     @property
     def interleaved(self) -> bool:
@@ -412,7 +388,7 @@ class Plan:
         """Every rule this plan breaks on `world_size` ranks for `graph` (any object with
         `units`, `heads`, `kv_heads`, `seq`, `experts`, like `LayerGraph`); [] when none."""
         model = getattr(graph, "model", None) or "the model"
-        heads, kv_heads, seq = graph.heads, graph.kv_heads or graph.heads, graph.seq
+        heads, kv_heads, seq = graph.heads, graph.kv_heads, graph.seq
         out = []
         if self.world_size != world_size:
             out.append(Violation("world_size", "degrees multiply to the world size",
@@ -430,7 +406,7 @@ class Plan:
             if heads % self.tp:
                 out.append(Violation("tp", "TP divides attention heads",
                                      f"tp={self.tp} must divide heads={heads}"))
-            if kv_heads % self.tp:
+            if kv_heads not in (None, heads) and kv_heads % self.tp:
                 out.append(Violation("tp", "TP divides key/value heads",
                                      f"tp={self.tp} must divide kv_heads={kv_heads}"))
         if self.cp > 1 and heads is not None:

@@ -84,6 +84,7 @@ class FCNConfig:
                 raise ValueError(f"fcn: {name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"fcn: dropout must be in [0, 1), got {self.dropout}")
+        # With pad 100 and the caffe offsets every image_size fits; this guards the geometry.
         s = self.sizes()
         if (s["score_fr"] < 1 or s["pool4"] < CROP_POOL4 + s["upscore2"]
                 or s["pool3"] < CROP_POOL3 + s["upscore_pool4"]

@@ -62,7 +62,8 @@ class ViTConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"vit: {name} must be >= 1, got {getattr(self, name)}")
         if self.hidden % self.heads:
-            raise ValueError(f"vit: hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+            raise ValueError(f"vit: hidden ({self.hidden}) must be divisible by heads "
+                             f"({self.heads})")
         if self.image_size % self.patch:
             raise ValueError(f"vit: image_size ({self.image_size}) must be divisible by patch "
                              f"({self.patch})")
