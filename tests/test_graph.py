@@ -146,3 +146,16 @@ def test_cli_models_json_and_graph(capsys):
     assert out["units"] == 2 and out["config"]["hidden"] == 128
     assert main(["graph", "gpt", "--set", "layers=two"]) == 2
     assert "layers='two': expected int" in capsys.readouterr().err
+
+
+def test_cli_hardware_and_plan(capsys):
+    assert main(["hardware", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {c["name"] for c in out["chips"]} >= {"a100-sxm-80gb", "h100-sxm", "b200", "cpu"}
+    assert main(["plan", "dp=128,tp=8,pp=16,gbs=2048", "--model", "llama3-405b",
+                 "--chips", "16384"]) == 0
+    text = capsys.readouterr().out
+    # 126 layers on 16 stages: 7 on the first and last, 8 on the 14 others (Llama 3 paper).
+    assert "    0      7         0..6" in text and "   15      7     119..125" in text
+    assert main(["plan", "tp=3", "--model", "llama3-8b", "--chips", "3"]) == 2
+    assert "rule: TP divides attention heads" in capsys.readouterr().err

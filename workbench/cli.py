@@ -87,6 +87,53 @@ def cmd_graph(args) -> int:
     return 0
 
 
+def cmd_hardware(args) -> int:
+    """`workbench hardware`: chip and cluster presets with their key figures."""
+    from . import hardware
+
+    names = hardware.list_presets()
+    chips = [hardware.chip(n) if n != "cpu" else hardware.load_cpu_chip() for n in names["chips"]]
+    clusters = [hardware.cluster(n) for n in names["clusters"]]
+    if args.json:
+        print(json.dumps({"chips": [hardware.chip_to_dict(c) for c in chips],
+                          "clusters": [hardware.cluster_to_dict(c) for c in clusters]}, indent=1))
+        return 0
+    print(table([{"chip": c.name, **{f"{d} FLOP/s": si(v) for d, v in c.dense_flops_per_s.items()},
+                  "memory": si(c.memory_bytes, "B"),
+                  "mem bw": si(c.memory_bandwidth_Bps, "B/s")} for c in chips],
+                ["chip", "bf16 FLOP/s", "fp8 FLOP/s", "fp32 FLOP/s", "memory", "mem bw"]))
+    print()
+    rows = []
+    for cl in clusters:
+        for lv in cl.levels:
+            rows.append({"cluster": cl.name, "level": lv.name, "chips": lv.size,
+                         "bw/chip/dir": si(lv.bandwidth_Bps, "B/s"),
+                         "latency": f"{lv.latency_s * 1e6:.1f} us",
+                         "oversub": lv.oversubscription})
+    print(table(rows, ["cluster", "level", "chips", "bw/chip/dir", "latency", "oversub"]))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    """`workbench plan PLAN --model M --chips N`: validate a plan, show its mesh and stages."""
+    from .plan import Plan, stage_flops, stage_units
+
+    plan = Plan.parse(args.plan)
+    g = costmodel.graph(args.model, batch=1, **parse_set(args.set))
+    plan.validate(args.chips, g)
+    print(f"plan     {plan}")
+    print(f"mesh     {plan.mesh_shape} = {plan.world_size} chips")
+    print(f"batch    {plan.global_batch_size} samples = {plan.dp_degree} DP ranks x "
+          f"{plan.microbatches} microbatches x {plan.microbatch_size} samples")
+    if plan.pp > 1:
+        units = stage_units(g.units, plan.pp, plan.vpp)
+        flops = stage_flops(g, plan)
+        print(table([{"stage": i, "units": len(u), "first..last": f"{u[0]}..{u[-1]}",
+                      "fwd+bwd FLOP/sample": si(f)} for i, (u, f) in enumerate(zip(units, flops))],
+                    ["stage", "units", "first..last", "fwd+bwd FLOP/sample"]))
+    return 0
+
+
 def _unit_label(unit: int) -> str:
     from .costmodel.graph import POST_UNIT, PRE_UNIT
     return {PRE_UNIT: "pre", POST_UNIT: "post"}.get(unit, str(unit))
@@ -105,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=int, default=1, help="samples (default 1)")
     g.add_argument("--json", action="store_true", help="print JSON")
     g.set_defaults(func=cmd_graph)
+    h = sub.add_parser("hardware", help="chip and cluster presets")
+    h.add_argument("--json", action="store_true", help="print JSON")
+    h.set_defaults(func=cmd_hardware)
+    pl = sub.add_parser("plan", help="validate a plan against a model and a world size")
+    pl.add_argument("plan", help='compact plan, e.g. "dp=8,tp=8,pp=16,mb=1,gbs=1024"')
+    pl.add_argument("--model", required=True, help="flavour name (see `workbench models`)")
+    pl.add_argument("--set", help="model config overrides, e.g. layers=4")
+    pl.add_argument("--chips", type=int, required=True, help="world size")
+    pl.set_defaults(func=cmd_plan)
     return p
 
 
