@@ -91,7 +91,7 @@ def test_detr_image_size_override():
 
 @pytest.mark.parametrize("overrides, rule", [
     ({"heads": 7}, "divisible by heads"),
-    ({"heads": 2, "d_model": 258}, "divisible by 4"),
+    ({"heads": 2, "hidden": 258}, "divisible by 4"),
     ({"dropout": 1.0}, "dropout"),
     ({"num_queries": 0}, "num_queries"),
     ({"image_size": (16, 64)}, "image_size"),
@@ -171,7 +171,7 @@ def test_detr_outputs():
     assert out["pred_logits"].shape == (2, 10, 11)
     assert out["pred_boxes"].shape == (2, 10, 4)
     assert out["aux_logits"].shape == (1, 2, 10, 11)
-    assert 0 < float(out["pred_boxes"].min()) and float(out["pred_boxes"].max()) < 1
+    assert 0 < float(out["pred_boxes"].detach().min()) and float(out["pred_boxes"].detach().max()) < 1
 
 
 def test_captioner_forward_flops():

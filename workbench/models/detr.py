@@ -1,7 +1,7 @@
 """DETR object detector (Carion et al. 2020, arXiv 2005.12872) as facebookresearch/detr.
 
 ResNet backbone with frozen BatchNorm (`FrozenBatchNorm2d`: statistics and affine terms are
-buffers, not parameters), a 1x1 `input_proj` to `d_model`, a fixed sine positional encoding,
+buffers, not parameters), a 1x1 `input_proj` to `hidden`, a fixed sine positional encoding,
 a post-norm encoder-decoder transformer with a final decoder LayerNorm, `num_queries` learned
 object queries, a class head (`num_classes` + no-object) and a 3-layer box MLP, both applied
 to every decoder layer's output (the reference always stacks all decoder layers; the
@@ -46,7 +46,7 @@ class DetrConfig:
     """Input (height, width) in pixels: DETR resizes the shorter side to 800 (its test scale
     and largest training scale) and pads batches; 1216 = 38 x 32 is a typical padded long side
     of a 4:3 or 3:2 COCO image (640x427 -> 800x1199)."""
-    d_model: int = 256
+    hidden: int = 256
     """Transformer width (`hidden_dim`)."""
     heads: int = 8
     """Attention heads (`nheads`)."""
@@ -54,7 +54,7 @@ class DetrConfig:
     """Transformer encoder layers (`enc_layers`); 0 feeds the projected features directly."""
     decoder_layers: int = 6
     """Transformer decoder layers (`dec_layers`)."""
-    ffn_dim: int = 2048
+    ffn: int = 2048
     """Feed-forward inner width (`dim_feedforward`)."""
     num_queries: int = 100
     """Object queries, the most objects one image can yield."""
@@ -66,7 +66,7 @@ class DetrConfig:
     @property
     def head_dim(self) -> int:
         """Width of one attention head."""
-        return self.d_model // self.heads
+        return self.hidden // self.heads
 
     def validate(self) -> None:
         """Raise ValueError naming the field that breaks a rule."""
@@ -74,18 +74,18 @@ class DetrConfig:
         if len(self.image_size) != 2 or min(self.image_size) < 32:
             raise ValueError(f"detr: image_size must be (height, width), each >= 32, "
                              f"got {self.image_size}")
-        for name in ("d_model", "heads", "decoder_layers", "ffn_dim", "num_queries",
+        for name in ("hidden", "heads", "decoder_layers", "ffn", "num_queries",
                      "num_classes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"detr: {name} must be >= 1, got {getattr(self, name)}")
         if self.encoder_layers < 0:
             raise ValueError(f"detr: encoder_layers must be >= 0, got {self.encoder_layers}")
-        if self.d_model % self.heads:
-            raise ValueError(f"detr: d_model ({self.d_model}) must be divisible by heads "
+        if self.hidden % self.heads:
+            raise ValueError(f"detr: hidden ({self.hidden}) must be divisible by heads "
                              f"({self.heads})")
-        if self.d_model % 4:
-            raise ValueError(f"detr: d_model ({self.d_model}) must be divisible by 4 (the sine "
-                             "encoding gives d_model/2 features per axis, in sin/cos pairs)")
+        if self.hidden % 4:
+            raise ValueError(f"detr: hidden ({self.hidden}) must be divisible by 4 (the sine "
+                             "encoding gives hidden/2 features per axis, in sin/cos pairs)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"detr: dropout must be in [0, 1), got {self.dropout}")
 
@@ -119,14 +119,14 @@ def frozen_bn_backbone(cfg: ResNetConfig) -> ResNet:
     return net
 
 
-def sine_position_encoding(h: int, w: int, d_model: int, like: torch.Tensor,
+def sine_position_encoding(h: int, w: int, hidden: int, like: torch.Tensor,
                            temperature: float = 10000.0) -> torch.Tensor:
-    """DETR's `PositionEmbeddingSine(d_model/2, normalize=True)` for an unpadded h x w map.
+    """DETR's `PositionEmbeddingSine(hidden/2, normalize=True)` for an unpadded h x w map.
 
-    Returns (h*w, d_model): d_model/2 y-features then d_model/2 x-features, each interleaving
+    Returns (h*w, hidden): hidden/2 y-features then hidden/2 x-features, each interleaving
     sin and cos of the position (normalised to (0, 2pi]) over a geometric frequency ladder.
     """
-    feats, eps, scale = d_model // 2, 1e-6, 2 * math.pi
+    feats, eps, scale = hidden // 2, 1e-6, 2 * math.pi
     kw = dict(dtype=torch.float32, device=like.device)
     y = torch.arange(1, h + 1, **kw)
     x = torch.arange(1, w + 1, **kw)
@@ -139,19 +139,19 @@ def sine_position_encoding(h: int, w: int, d_model: int, like: torch.Tensor,
 
     pos_y = encode(y)[:, None, :].expand(h, w, feats)
     pos_x = encode(x)[None, :, :].expand(h, w, feats)
-    return torch.cat((pos_y, pos_x), dim=2).reshape(h * w, d_model).to(like.dtype)
+    return torch.cat((pos_y, pos_x), dim=2).reshape(h * w, hidden).to(like.dtype)
 
 
 class DetrAttention(nn.Module):
     """nn.MultiheadAttention's parameters as q/k/v/out Linears, run through fused SDPA."""
 
-    def __init__(self, d_model: int, heads: int, dropout: float):
+    def __init__(self, hidden: int, heads: int, dropout: float):
         super().__init__()
         self.heads, self.dropout = heads, dropout
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_model, d_model)
-        self.v_proj = nn.Linear(d_model, d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
+        self.q_proj = nn.Linear(hidden, hidden)
+        self.k_proj = nn.Linear(hidden, hidden)
+        self.v_proj = nn.Linear(hidden, hidden)
+        self.out_proj = nn.Linear(hidden, hidden)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
         b, lq, d = query.shape
@@ -169,9 +169,9 @@ class EncoderLayer(nn.Module):
 
     def __init__(self, cfg: DetrConfig):
         super().__init__()
-        d = cfg.d_model
+        d = cfg.hidden
         self.self_attn = DetrAttention(d, cfg.heads, cfg.dropout)
-        self.linear1, self.linear2 = nn.Linear(d, cfg.ffn_dim), nn.Linear(cfg.ffn_dim, d)
+        self.linear1, self.linear2 = nn.Linear(d, cfg.ffn), nn.Linear(cfg.ffn, d)
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.dropout, self.dropout1, self.dropout2 = (nn.Dropout(cfg.dropout) for _ in range(3))
 
@@ -187,10 +187,10 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, cfg: DetrConfig):
         super().__init__()
-        d = cfg.d_model
+        d = cfg.hidden
         self.self_attn = DetrAttention(d, cfg.heads, cfg.dropout)
         self.multihead_attn = DetrAttention(d, cfg.heads, cfg.dropout)
-        self.linear1, self.linear2 = nn.Linear(d, cfg.ffn_dim), nn.Linear(cfg.ffn_dim, d)
+        self.linear1, self.linear2 = nn.Linear(d, cfg.ffn), nn.Linear(cfg.ffn, d)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
         self.dropout, self.dropout1, self.dropout2, self.dropout3 = (
             nn.Dropout(cfg.dropout) for _ in range(4))
@@ -223,7 +223,7 @@ class TransformerDecoder(nn.Module):
     def __init__(self, cfg: DetrConfig):
         super().__init__()
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
-        self.norm = nn.LayerNorm(cfg.d_model)
+        self.norm = nn.LayerNorm(cfg.hidden)
 
     def forward(self, tgt, memory, pos, query_pos) -> torch.Tensor:
         outputs = []
@@ -268,7 +268,7 @@ class DETR(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        d = cfg.d_model
+        d = cfg.hidden
         self.backbone = frozen_bn_backbone(cfg.backbone)
         self.input_proj = nn.Conv2d(cfg.backbone.out_channels, d, 1)
         self.transformer = Transformer(cfg)
@@ -302,6 +302,6 @@ register_flavour("detr-r50", "detr", DetrConfig(),
                  "models/{detr,transformer,backbone,position_encoding}.py")
 register_flavour("detr-tiny", "detr",
                  DetrConfig(backbone=ResNetConfig(stages=(1, 1, 1, 1), width=8),
-                            image_size=(64, 96), d_model=32, heads=4, encoder_layers=2,
-                            decoder_layers=2, ffn_dim=64, num_queries=10, num_classes=10),
+                            image_size=(64, 96), hidden=32, heads=4, encoder_layers=2,
+                            decoder_layers=2, ffn=64, num_queries=10, num_classes=10),
                  "tiny CPU flavour of this project (resnet-tiny backbone)")

@@ -76,7 +76,7 @@ def _post_attention(b: GraphBuilder, p: str, unit: int, tokens: int, d: int, i: 
 def detr_graph(cfg: DetrConfig, batch: int, dtype_bytes: int) -> LayerGraph:
     """Backbone blocks, encoder layers and decoder layers as units; heads on the last stage."""
     b = GraphBuilder(dtype_bytes)
-    d, heads, q = cfg.d_model, cfg.heads, cfg.num_queries
+    d, heads, q = cfg.hidden, cfg.heads, cfg.num_queries
     image = FeatureMap(batch, 3, tuple(cfg.image_size), requires_grad=False)
     fm = add_resnet_features(b, cfg.backbone, image, prefix="backbone.")
     _freeze_norms(b, "backbone.")
@@ -92,7 +92,7 @@ def detr_graph(cfg: DetrConfig, batch: int, dtype_bytes: int) -> LayerGraph:
         _ew(b, f"{p}.pos_add", t * d, u, inputs=2, saves_input=False)
         _add_attention(b, f"{p}.self_attn", u, batch, s, s, d, heads)
         _post_attention(b, p, u, t, d, 1)
-        _add_ffn(b, p, u, t, d, cfg.ffn_dim, "dropout2", "norm2")
+        _add_ffn(b, p, u, t, d, cfg.ffn, "dropout2", "norm2")
     b.add("query_embed", "embedding", tokens=q, num_embeddings=q, dim=d, unit=first_dec)
     for i in range(cfg.decoder_layers):
         u, p = first_dec + i, f"transformer.decoder.layers.{i}"
@@ -104,7 +104,7 @@ def detr_graph(cfg: DetrConfig, batch: int, dtype_bytes: int) -> LayerGraph:
         _ew(b, f"{p}.memory_pos_add", t * d, u, inputs=2, saves_input=False)
         _add_attention(b, f"{p}.multihead_attn", u, batch, q, s, d, heads)
         _post_attention(b, p, u, tq, d, 2)
-        _add_ffn(b, p, u, tq, d, cfg.ffn_dim, "dropout3", "norm3")
+        _add_ffn(b, p, u, tq, d, cfg.ffn, "dropout3", "norm3")
     hs = cfg.decoder_layers * tq  # the heads run on every decoder layer's output
     post = dict(unit=POST_UNIT, tp="replicate")
     b.add("transformer.decoder.norm", "norm", elements=hs * d, channels=d, **post)
