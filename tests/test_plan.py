@@ -34,7 +34,7 @@ def test_parse_the_brief_example():
     assert (p.microbatch_size, p.global_batch_size, p.recompute) == (1, 1024, "selective")
     assert (p.sequence_parallel, p.schedule, p.zero, p.dtype) == (False, "1f1b", 0, "bf16")
     assert str(p) == ("dp=64,fsdp=1,tp=8,pp=16,vpp=1,cp=1,ep=1,mb=1,gbs=1024,sp=false,"
-                      "recompute=selective,schedule=1f1b,zero=0,dtype=bf16")
+                      "recompute=selective,schedule=1f1b,zero=0,dtype=bf16,order=tp-cp-fsdp-dp-pp")
     assert p.compact() == "dp=64,tp=8,pp=16,recompute=selective"  # gbs 1024 = 64 x 16: default
     assert Plan.parse("dp=64,tp=8,pp=16,gbs=2048").compact() == "dp=64,tp=8,pp=16,gbs=2048"
 
@@ -391,3 +391,18 @@ def test_stage_layers_reject_stray_units():
                                out_features=2))
     with pytest.raises(ValueError, match="unit 5"):
         stage_layers(g, Plan(pp=2))
+
+
+def test_mesh_order_sets_group_strides():
+    # Default order tp-cp-fsdp-dp-pp (innermost first): tp stride 1, cp 8, fsdp 8*2 = 16,
+    # dp 16*4 = 64, pp 64*2 = 128.
+    p = Plan.parse("dp=2,fsdp=4,cp=2,tp=8,pp=4")
+    assert p.strides == {"tp": 1, "cp": 8, "fsdp": 16, "dp": 64, "pp": 128}
+    q = Plan.parse("dp=2,fsdp=4,cp=2,tp=8,pp=4,order=pp-tp-cp-fsdp-dp")
+    assert q.strides == {"pp": 1, "tp": 4, "cp": 32, "fsdp": 64, "dp": 256}
+    assert Plan.parse(str(q)) == q and "order=pp-tp-cp-fsdp-dp" in q.compact()
+
+
+def test_mesh_order_must_be_a_permutation():
+    with pytest.raises(PlanError, match="order is a dash-joined permutation"):
+        Plan.parse("order=tp-cp-fsdp-dp")

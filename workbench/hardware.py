@@ -25,6 +25,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
+
 try:  # Python 3.11+
     import tomllib
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
@@ -159,6 +161,9 @@ class Level:
     """Bandwidth taper >= 1 (1 = non-blocking); per-chip share is bandwidth_Bps / this."""
     source: str
     """Where the figures come from."""
+    efficiency: float = 1.0
+    """Achieved fraction of `bandwidth_Bps` for large collectives (nccl-tests bus bandwidth over
+    the link figure); 1.0 where `bandwidth_Bps` is itself a measured bus bandwidth."""
 
     def __post_init__(self) -> None:
         _text(self.name, "level.name")
@@ -172,11 +177,18 @@ class Level:
         if _num(self.oversubscription, f"{where}: oversubscription") < 1:
             raise ValueError(f"{where}: oversubscription must be >= 1, got {self.oversubscription}")
         _text(self.source, f"{where}: source")
+        if not 0 < _num(self.efficiency, f"{where}: efficiency") <= 1:
+            raise ValueError(f"{where}: efficiency must be in (0, 1], got {self.efficiency}")
 
     @property
     def effective_bandwidth_Bps(self) -> float:
         """Per-chip bandwidth per direction after oversubscription."""
         return self.bandwidth_Bps / self.oversubscription
+
+    @property
+    def achieved_bandwidth_Bps(self) -> float:
+        """What a large collective achieves per chip: effective bandwidth x efficiency."""
+        return self.effective_bandwidth_Bps * self.efficiency
 
 
 @dataclass(frozen=True)
@@ -285,10 +297,15 @@ class Cluster:
         self._check_group(n, stride)
         if n == 1:
             return None
-        for i, lv in enumerate(self.levels):
-            if lv.size % (n * stride) == 0:
-                return i
-        return len(self.levels) - 1
+        return int(self.span_level_indices(np.asarray(n), np.asarray(stride)))
+
+    def span_level_indices(self, n: np.ndarray, stride: np.ndarray) -> np.ndarray:
+        """`span_level_index` over arrays of group sizes and strides (n >= 2), vectorised:
+        the first level whose size n*stride divides, else the top level."""
+        sizes = np.array([lv.size for lv in self.levels])
+        block = np.asarray(n * stride)[..., None]
+        inside = (sizes % block) == 0
+        return np.where(inside.any(-1), inside.argmax(-1), len(sizes) - 1)
 
     def span_level(self, n: int, stride: int = 1) -> Level | None:
         """The level whose links a group of `n` ranks at `stride` must cross (None for n == 1)."""
@@ -361,8 +378,9 @@ def chip_to_dict(c: Chip) -> dict:
 
 
 def _level_from_dict(d: dict, where: str) -> Level:
-    _keys(d, where, _LEVEL_KEYS)
-    return Level(name=_text(d["name"], f"{where}.name"),
+    _keys(d, where, _LEVEL_KEYS, ("efficiency",))
+    return Level(efficiency=_num(d.get("efficiency", 1.0), f"{where}.efficiency"),
+                 name=_text(d["name"], f"{where}.name"),
                  size=_num(d["size"], f"{where}.size", integer=True),
                  bandwidth_Bps=_num(d["bandwidth_Bps"], f"{where}.bandwidth_Bps"),
                  latency_s=_num(d["latency_s"], f"{where}.latency_s"),

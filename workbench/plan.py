@@ -39,10 +39,15 @@ Narayanan et al. 2021, Megatron-LM)."""
 DTYPES = ("bf16", "fp16", "fp32", "fp8")
 """Compute dtypes; each chip preset gives a peak FLOP/s per dtype."""
 
+MESH_DIMS = ("tp", "cp", "fsdp", "dp", "pp")
+"""Mesh dimension names of `Plan.order` (the plan keys of the degrees)."""
+DEFAULT_ORDER = "tp-cp-fsdp-dp-pp"
+"""Default placement, innermost first: torchtitan's mesh (pp, dp_replicate, dp_shard, cp, tp)."""
+
 KEYS = {"dp": "dp_replicate", "fsdp": "dp_shard", "tp": "tp", "pp": "pp", "vpp": "vpp",
         "cp": "cp", "ep": "ep", "mb": "microbatch_size", "gbs": "global_batch_size",
         "sp": "sequence_parallel", "recompute": "recompute", "schedule": "schedule",
-        "zero": "zero", "dtype": "dtype"}
+        "zero": "zero", "dtype": "dtype", "order": "order"}
 """Text key -> `Plan` field, in the order `str(plan)` writes them."""
 _KEY_OF = {f: k for k, f in KEYS.items()}
 _DEGREES = ("dp_replicate", "dp_shard", "tp", "pp", "vpp", "cp", "ep")
@@ -135,6 +140,10 @@ class Plan:
     interleaved-1f1b when vpp > 1; resolved when the plan is made."""
     dtype: str = "bf16"
     """Compute dtype of matmuls and activations, one of `DTYPES`."""
+    order: str = DEFAULT_ORDER
+    """Mesh dimensions from innermost (consecutive ranks) to outermost, joined by dashes, a
+    permutation of `tp`, `cp`, `fsdp`, `dp`, `pp`. It places each group on the hardware
+    hierarchy: the default keeps TP inside a node and puts PP outermost (torchtitan)."""
 
     def __post_init__(self) -> None:
         _raise_if(self._check_types())
@@ -190,6 +199,9 @@ class Plan:
                 shown = value if isinstance(value, str) else repr(value)
                 out.append(Violation(name, f"{name} is one of {', '.join(allowed)}",
                                      f"{name}={shown} is not allowed"))
+        if not isinstance(self.order, str) or sorted(self.order.split("-")) != sorted(MESH_DIMS):
+            out.append(Violation("order", "order is a dash-joined permutation of "
+                                 + ", ".join(MESH_DIMS), f"order={self.order} is not one"))
         if not 0 <= self.zero <= 3:
             out.append(Violation("zero", "ZeRO stage is 0, 1, 2 or 3",
                                  f"zero={self.zero} is out of range"))
@@ -382,6 +394,20 @@ class Plan:
         with every degree; drop the 1s before `init_device_mesh`."""
         return {"pp": self.pp, "dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard,
                 "cp": self.cp, "tp": self.tp}
+
+    def degree(self, dim: str) -> int:
+        """Degree of a mesh dimension named as in `MESH_DIMS` (`fsdp` = dp_shard, `dp` =
+        dp_replicate)."""
+        return getattr(self, KEYS[dim])
+
+    @property
+    def strides(self) -> dict[str, int]:
+        """Rank distance between neighbours of each mesh dimension's groups, from `order`."""
+        out, stride = {}, 1
+        for dim in self.order.split("-"):
+            out[dim] = stride
+            stride *= self.degree(dim)
+        return out
 
     # -- validation against a cluster and a model --------------------------------------
     def violations(self, world_size: int, graph: Any) -> list[Violation]:
