@@ -6,7 +6,8 @@ from typing import Any
 from .graph import Layer, LayerGraph, make_layer
 from .ops import OpCost, cost
 
-__all__ = ["Layer", "LayerGraph", "OpCost", "cost", "graph", "make_layer"]
+__all__ = ["CostOptions", "Estimate", "Layer", "LayerGraph", "OpCost", "cost", "estimate",
+           "graph", "make_layer", "search"]
 
 
 def graph(model: Any, batch: int = 1, dtype_bytes: int = 2, **overrides: Any) -> LayerGraph:
@@ -27,3 +28,9 @@ def graph(model: Any, batch: int = 1, dtype_bytes: int = 2, **overrides: Any) ->
     g = builder_for(config)(config, batch, dtype_bytes)
     g.model = name or family_of(config).name
     return g
+
+
+
+from .estimator import Estimate, estimate  # noqa: E402  (after graph(): they import plan.py)
+from .plans import CostOptions  # noqa: E402
+from .search import search  # noqa: E402

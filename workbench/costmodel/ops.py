@@ -228,6 +228,20 @@ def elementwise(elements: int, flops_per_element: int = 1, inputs: int = 1,
     )
 
 
+@register("dropout")
+def dropout(elements: int, dtype_bytes: int = 2) -> OpCost:
+    """Dropout: a random mask (1 byte an element, saved for backward) applied with scaling."""
+    return OpCost(
+        fwd_flops=2 * elements,
+        bwd_flops=elements,
+        params=0,
+        saved_bytes=elements,
+        read_bytes=elements * dtype_bytes,
+        write_bytes=elements * (dtype_bytes + 1),
+        counted=False,
+    )
+
+
 @register("pool")
 def pool(batch: int, channels: int, kernel: tuple[int, ...], in_spatial: tuple[int, ...],
          out_spatial: tuple[int, ...], dtype_bytes: int = 2) -> OpCost:

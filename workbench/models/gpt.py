@@ -33,6 +33,8 @@ class GPTConfig:
     """Vocabulary (Megatron pads GPT-2's 50,257 to a multiple of 1024)."""
     seq: int = 2048
     """Training sequence length (also the number of learned positions)."""
+    dropout: float = 0.0
+    """Hidden and attention dropout probability (Megatron-LM's default is 0.1)."""
 
     @property
     def ffn_width(self) -> int:
@@ -44,6 +46,8 @@ class GPTConfig:
         for name in ("layers", "hidden", "heads", "vocab", "seq"):
             if getattr(self, name) < 1:
                 raise ValueError(f"gpt: {name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"gpt: dropout must be in [0, 1), got {self.dropout}")
         if self.ffn < 0:
             raise ValueError(f"gpt: ffn must be >= 0 (0 = 4 x hidden), got {self.ffn}")
         if self.hidden % self.heads:
@@ -59,8 +63,8 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab, cfg.hidden)
         self.wpe = nn.Embedding(cfg.seq, cfg.hidden)
-        self.h = nn.ModuleList(Block(cfg.hidden, cfg.heads, cfg.ffn_width, causal=True)
-                               for _ in range(cfg.layers))
+        self.h = nn.ModuleList(Block(cfg.hidden, cfg.heads, cfg.ffn_width, causal=True,
+                                     dropout=cfg.dropout) for _ in range(cfg.layers))
         self.ln_f = nn.LayerNorm(cfg.hidden)
         self.lm_head = nn.Linear(cfg.hidden, cfg.vocab, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as Megatron-LM does by default

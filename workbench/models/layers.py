@@ -17,9 +17,10 @@ class SelfAttention(nn.Module):
     output projection (d x d + d).
     """
 
-    def __init__(self, dim: int, heads: int, causal: bool, bias: bool = True):
+    def __init__(self, dim: int, heads: int, causal: bool, bias: bool = True,
+                 dropout: float = 0.0):
         super().__init__()
-        self.heads, self.causal = heads, causal
+        self.heads, self.causal, self.dropout = heads, causal, dropout
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.proj = nn.Linear(dim, dim, bias=bias)
 
@@ -27,7 +28,8 @@ class SelfAttention(nn.Module):
         b, s, d = x.shape
         qkv = self.qkv(x).view(b, s, 3, self.heads, d // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, S, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(b, s, d))
 
 
@@ -47,20 +49,24 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
 
-    `mlp` may be replaced (ViT-MoE puts an MoE layer there).
+    `mlp` may be replaced (ViT-MoE puts an MoE layer there); `dropout` > 0 adds Megatron's
+    hidden dropouts and attention dropout.
     """
 
     def __init__(self, dim: int, heads: int, ffn: int, causal: bool, eps: float = 1e-5,
-                 mlp: nn.Module | None = None):
+                 mlp: nn.Module | None = None, dropout: float = 0.0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = SelfAttention(dim, heads, causal)
+        self.attn = SelfAttention(dim, heads, causal, dropout=dropout)
         self.ln_2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = mlp if mlp is not None else MLP(dim, ffn)
+        # Megatron-LM's hidden dropout after the attention and MLP outputs (0 = none).
+        self.attn_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.mlp_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.attn_dropout(self.attn(self.ln_1(x)))
+        return x + self.mlp_dropout(self.mlp(self.ln_2(x)))
 
 
 def rope_tables(head_dim: int, seq: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,8 @@ def gpt_graph(cfg: GPTConfig, batch: int, dtype_bytes: int) -> LayerGraph:
     b.add("embedding_sum", "elementwise", elements=t * h, inputs=2, saves_input=False,
           unit=PRE_UNIT, tp="sequence", cp=True)
     for i in range(cfg.layers):
-        add_block(b, f"h.{i}", i, batch, s, h, cfg.heads, cfg.ffn_width, causal=True)
+        add_block(b, f"h.{i}", i, batch, s, h, cfg.heads, cfg.ffn_width, causal=True,
+                  dropout=cfg.dropout)
     b.add("ln_f", "norm", elements=t * h, channels=h, unit=POST_UNIT, tp="sequence", cp=True)
     b.add("lm_head", "linear", tokens=t, in_features=h, out_features=cfg.vocab, bias=False,
           unit=POST_UNIT, tp="vocab", cp=True, tied_to="wte")

@@ -10,8 +10,10 @@ from ..graph import GraphBuilder
 
 
 def add_block(b: GraphBuilder, prefix: str, unit: int, batch: int, seq: int, dim: int,
-              heads: int, ffn: int, causal: bool, moe: dict | None = None) -> None:
-    """`workbench.models.layers.Block`: LN, fused-QKV attention, LN, GELU MLP (or MoE)."""
+              heads: int, ffn: int, causal: bool, moe: dict | None = None,
+              dropout: float = 0.0) -> None:
+    """`workbench.models.layers.Block`: LN, fused-QKV attention, LN, GELU MLP (or MoE), and
+    with `dropout` > 0 the hidden dropouts (attention dropout runs inside the attention op)."""
     tokens = batch * seq
     hd = dim // heads
     seq_op = dict(unit=unit, tp="sequence", cp=True)
@@ -22,6 +24,8 @@ def add_block(b: GraphBuilder, prefix: str, unit: int, batch: int, seq: int, dim
           head_dim=hd, causal=causal, unit=unit, tp="heads", cp=True)
     b.add(f"{prefix}.attn.proj", "linear", tokens=tokens, in_features=dim, out_features=dim,
           unit=unit, tp="row", cp=True)
+    if dropout:
+        b.add(f"{prefix}.attn_dropout", "dropout", elements=tokens * dim, **seq_op)
     b.add(f"{prefix}.attn_residual", "elementwise", elements=tokens * dim, inputs=2,
           saves_input=False, **seq_op)
     b.add(f"{prefix}.ln_2", "norm", elements=tokens * dim, channels=dim, **seq_op)
@@ -34,6 +38,8 @@ def add_block(b: GraphBuilder, prefix: str, unit: int, batch: int, seq: int, dim
               unit=unit, tp="column", cp=True)
         b.add(f"{prefix}.mlp.fc2", "linear", tokens=tokens, in_features=ffn, out_features=dim,
               unit=unit, tp="row", cp=True)
+    if dropout:
+        b.add(f"{prefix}.mlp_dropout", "dropout", elements=tokens * dim, **seq_op)
     b.add(f"{prefix}.mlp_residual", "elementwise", elements=tokens * dim, inputs=2,
           saves_input=False, **seq_op)
 

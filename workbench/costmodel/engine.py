@@ -1,0 +1,270 @@
+"""Vectorised cost evaluation: compute, communication, step time and MFU of many plans.
+
+`evaluate(profile, plans, cluster, options)` returns one array per quantity (one entry per
+plan) plus the step's collectives; `estimate()` is this with a batch of one plan and
+`search()` with thousands. The model, per rank of the slowest pipeline stage:
+
+    step = T_mb x (m + (pp - 1) / vpp) + exposed DP/FSDP reduction + ZeRO gather + optimizer
+
+where T_mb is the stage's time per microbatch: forward + backward + recomputation of its
+layers (roofline, `efficiency.py`), plus the communication on the critical path (TP
+all-reduces, CP K/V exchange, EP all-to-all, pipeline sends, FSDP gathers not hidden by
+prefetch), and m = microbatches per DP rank; (pp - 1) / vpp microbatch slots are the
+pipeline bubble (Narayanan et al. 2021). Collective times come from `comm.py`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..hardware import Cluster
+from . import comm
+from .efficiency import efficiency_for
+from .memory import memory_per_stage
+from .plans import DTYPE_BYTES, CostOptions, PlanArrays
+from .profile import GraphProfile
+
+RECOMPUTE_SELECTIVE, RECOMPUTE_FULL = 1, 2
+OPTIMIZER_STEP_BYTES = {"adam": 28, "sgd": 20}
+"""Bytes each parameter's optimizer update reads and writes (Adam: fp32 master, m, v read and
+written (24) + the low-precision grad read and weight written (4); SGD: master and momentum
+(16) + 4)."""
+
+
+def _collective(records, name, kind, group, n, stride, size, count, cluster, algorithm="ring"):
+    """Time one collective (per op) and keep a record of it for `Estimate.comm`."""
+    t = comm.collective_time_s(kind, size, n, stride, cluster, algorithm)
+    records.append({"name": name, "kind": kind, "group": group, "group_size": n,
+                    "level": comm.span_level(cluster, n, stride), "bytes": size,
+                    "count_per_step": count, "time_s": t})
+    return t
+
+
+def op_times(prof: GraphProfile, plans: PlanArrays, cluster: Cluster, opt: CostOptions):
+    """Per-signature forward and backward seconds (S x N) on one rank, and the share of each
+    op a rank does (S x N)."""
+    eff = efficiency_for(cluster.chip.name)
+    peak = cluster.chip.peak_flops_per_s(plans.dtype)
+    mem_bw = cluster.chip.memory_bandwidth_Bps * eff.memory
+    tp, cp, mb = plans.tp[None, :], plans.cp[None, :], plans.mb[None, :]
+    share = np.where(prof.tp_split[:, None], 1.0 / tp, 1.0)
+    share = np.where(prof.tp_sequence[:, None] & plans.sp[None, :], share / tp, share)
+    share = np.where(prof.cp[:, None], share / cp, share)
+    scale = share * mb
+    elem = DTYPE_BYTES[plans.dtype] / 2  # the graph's bytes are for 2-byte elements
+    f_flops, b_flops = prof.fwd_flops[:, None] * scale, prof.bwd_flops[:, None] * scale
+    f_bytes = prof.rw_bytes[:, None] * scale * elem
+    b_bytes = 2 * f_bytes
+    if opt.attention == "unfused":  # scores: QK^T write, softmax r/w, dropout r/w + mask, AV read
+        scores = prof.score_elements[:, None] * scale
+        f_bytes = f_bytes + 13 * scores * elem
+        b_bytes = b_bytes + 26 * scores * elem
+    e_f, e_b = np.ones_like(f_flops), np.ones_like(b_flops)
+    for kind in ("linear", "batched_matmul", "attention", "conv", "lstm"):
+        rows = prof.kind == kind
+        if rows.any():
+            curve = eff.curve(kind)
+            e_f[rows], e_b[rows] = curve(f_flops[rows]), curve(b_flops[rows])
+    counted = prof.counted[:, None]
+    busy = (prof.rw_bytes > 0)[:, None] * eff.op_overhead_s
+    t_f = np.where(counted, np.maximum(f_flops / (peak * np.maximum(e_f, 1e-12)), f_bytes / mem_bw),
+                   f_bytes / mem_bw) + busy
+    t_b = np.where(counted, np.maximum(b_flops / (peak * np.maximum(e_b, 1e-12)), b_bytes / mem_bw),
+                   b_bytes / mem_bw) + busy
+    return t_f, t_b, share
+
+
+def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
+             opt: CostOptions = CostOptions()) -> dict:
+    """Every quantity of the cost model for every plan (arrays of len(plans))."""
+    n = len(plans)
+    records: list[dict] = []
+    t_f, t_b, share = op_times(prof, plans, cluster, opt)
+    counts = prof.counts
+    full = plans.recompute == RECOMPUTE_FULL
+    selective = plans.recompute == RECOMPUTE_SELECTIVE
+    is_attention = (prof.kind == "attention")[:, None]
+    elem = DTYPE_BYTES[plans.dtype] / 2
+    mb, cp, tp = plans.mb, plans.cp, plans.tp
+
+    # Per-signature seconds (S x N); stages sum them with (stage x signature) count matrices.
+    compute_sig = t_f + t_b
+    rec_sig = np.where(full, t_f, np.where(selective, t_f * is_attention, 0.0))
+    gemm_sig = compute_sig * prof.counted[:, None]
+
+    # TP: all-reduce (or reduce-scatter + all-gather with SP: the same bytes) per row op, forward
+    # and backward, again in a full recompute's forward.
+    tp_bytes = prof.tp_allreduce_bytes[:, None] * mb / cp * elem
+    n_tp, s_tp = plans.group(("tp",))
+    t_ar = comm.collective_time_s("all_reduce", tp_bytes, n_tp, s_tp, cluster)
+    passes = prof.tp_passes[:, None] + full * (prof.tp_passes[:, None] == 2)
+    tp_sig = t_ar * passes
+    _record_per_op(records, "TP all-reduce (activations)", "all_reduce", "tp", n_tp, s_tp,
+                   tp_bytes, passes, counts, prof, plans, cluster)
+
+    # CP: ring attention = all-gather K/V forward; all-gather K/V + reduce-scatter dK/dV backward.
+    n_cp, s_cp = plans.group(("cp",))
+    kv = prof.kv_bytes[:, None] * mb * elem * np.where(prof.tp_split[:, None], 1.0 / tp, 1.0)
+    again = (full | selective)
+    if opt.cp_algorithm == "ring":
+        t_cp = (comm.collective_time_s("all_gather", kv, n_cp, s_cp, cluster) * (2 + again)
+                + comm.collective_time_s("reduce_scatter", kv, n_cp, s_cp, cluster))
+        _record_per_op(records, "CP ring K/V exchange", "all_gather", "cp", n_cp, s_cp, kv,
+                       (prof.kv_bytes > 0)[:, None] * (3 + again), counts, prof, plans, cluster)
+    else:
+        qkvo = (prof.kv_bytes + prof.qo_bytes)[:, None] * mb * elem / tp / np.maximum(cp, 1)
+        t_cp = comm.collective_time_s("all_to_all", qkvo, n_cp, s_cp, cluster) * (2 + 2 + again)
+        _record_per_op(records, "CP all-to-all (Ulysses)", "all_to_all", "cp", n_cp, s_cp, qkvo,
+                       (prof.kv_bytes > 0)[:, None] * (4 + again), counts, prof, plans, cluster)
+    cp_sig = t_cp * (prof.kv_bytes > 0)[:, None]
+
+    # EP: dispatch and combine all-to-all forward, both again backward (and in a recompute).
+    n_ep = plans.ep
+    s_ep = plans.group(("cp", "fsdp"))[1]
+    moe_bytes = prof.moe_buffer_bytes[:, None] * mb / cp * elem
+    t_a2a = comm.collective_time_s("all_to_all", moe_bytes, n_ep, s_ep, cluster)
+    ep_passes = (prof.moe_buffer_bytes > 0)[:, None] * (4 + 2 * full)
+    ep_sig = t_a2a * ep_passes
+    _record_per_op(records, "EP all-to-all (dispatch + combine)", "all_to_all", "ep", n_ep, s_ep,
+                   moe_bytes, ep_passes, counts, prof, plans, cluster)
+
+    # PP: each microbatch sends its activation forward and its gradient back, per model chunk.
+    ckpt = np.where(prof.checkpoint_sig[1:-1] >= 0,
+                    prof.saved_bytes[prof.checkpoint_sig[1:-1]], 0.0).mean() if prof.units else 0.0
+    p2p_div = np.where(plans.sp | opt.pp_scatter_gather, tp, 1)
+    p2p_bytes = ckpt * mb / cp / p2p_div * elem
+    n_pp, s_pp = plans.group(("pp",))
+    t_p2p = comm.collective_time_s("send_recv", p2p_bytes, np.minimum(n_pp, 2), s_pp, cluster)
+    if opt.pp_scatter_gather:  # the receiver all-gathers the 1/tp slices over the TP group
+        t_p2p = t_p2p + np.where(plans.sp, 0.0, comm.collective_time_s(
+            "all_gather", p2p_bytes * tp, n_tp, s_tp, cluster))
+    pp_mb = np.where(plans.pp > 1, 2 * plans.vpp * t_p2p, 0.0)
+    m = plans.microbatches
+    records.append({"name": "PP send/recv (activations, gradients)", "kind": "send_recv",
+                    "group": "pp", "group_size": n_pp, "level": comm.span_level(cluster, 2, s_pp),
+                    "bytes": p2p_bytes, "count_per_step": np.where(plans.pp > 1, 2 * plans.vpp * m, 0),
+                    "time_s": t_p2p})
+
+    # Parameters per rank on each row (TP splits its ops, EP the experts).
+    p_sig = prof.params[:, None] * np.where(prof.tp_split[:, None], 1.0 / tp, 1.0)
+    p_sig = p_sig * np.where(prof.ep[:, None], 1.0 / plans.ep, 1.0)
+    attention_sig = compute_sig * is_attention
+
+    out = {name: np.zeros(n) for name in (
+        "compute_s", "recompute_s", "tp_comm_s", "cp_comm_s", "ep_comm_s", "pp_comm_s",
+        "fsdp_exposed_s", "bubble_s", "stage_time_mb_s", "bottleneck_stage", "stage_params",
+        "stage_units", "stage_bwd_mb_s")}
+    groups = {}
+    for (pp, vpp) in {(int(a), int(b)) for a, b in zip(plans.pp, plans.vpp)}:
+        idx = np.nonzero((plans.pp == pp) & (plans.vpp == vpp))[0]
+        a = prof.stage_matrix(pp, vpp)
+        sc, su = a @ counts, a @ prof.unit_counts            # stage x signature
+        groups[(pp, vpp)] = (idx, sc, su)
+        cols = lambda x: x[:, idx]                            # noqa: E731
+        parts = {"compute_s": sc @ cols(compute_sig), "recompute_s": su @ cols(rec_sig),
+                 "tp_comm_s": sc @ cols(tp_sig), "cp_comm_s": sc @ cols(cp_sig),
+                 "ep_comm_s": sc @ cols(ep_sig)}
+        if opt.overlap_tp:  # hidden behind the stage's GEMMs
+            parts["tp_comm_s"] = np.maximum(0.0, parts["tp_comm_s"] - sc @ cols(gemm_sig))
+        if opt.overlap_cp:  # hidden behind the stage's attention
+            parts["cp_comm_s"] = np.maximum(0.0, parts["cp_comm_s"] - sc @ cols(attention_sig))
+        total = sum(parts.values()) + pp_mb[idx]
+        worst = total.argmax(axis=0)
+        pick = lambda x: x[worst, np.arange(len(idx))]        # noqa: E731
+        for k, v in parts.items():
+            out[k][idx] = pick(v)
+        out["pp_comm_s"][idx] = pp_mb[idx]
+        out["stage_time_mb_s"][idx] = pick(total)
+        out["bottleneck_stage"][idx] = worst
+        out["stage_bwd_mb_s"][idx] = pick(sc @ cols(t_b))
+        out["stage_params"][idx] = (sc @ cols(p_sig)).max(axis=0)
+        out["stage_units"][idx] = max(1, prof.units // (pp * vpp)) * vpp
+
+    _data_parallel(out, plans, cluster, opt, records, elem)
+    out["stage_time_mb_s"] += out["fsdp_exposed_s"]
+    out["bubble_s"] = out["stage_time_mb_s"] * (plans.pp - 1) / plans.vpp
+    out["microbatch_time_s"] = out["stage_time_mb_s"] * m
+    out["step_time_s"] = (out["microbatch_time_s"] + out["bubble_s"] + out["dp_exposed_s"]
+                          + out["zero_gather_s"] + out["optimizer_s"])
+    _rates(out, prof, plans, cluster)
+    out.update(memory_per_stage(prof, plans, cluster, opt, share, groups, p_sig))
+    out["records"] = records
+    return out
+
+
+def _record_per_op(records, name, kind, group, n, stride, size_sig, passes_sig, counts, prof,
+                   plans, cluster):
+    """Record the largest op's collective of a per-signature family, counted per step on the
+    slowest stage (ops per microbatch x microbatches; all stages when pp is 1)."""
+    per_op = size_sig * (passes_sig > 0)
+    pick = per_op.argmax(axis=0)
+    cols = np.arange(per_op.shape[1])
+    ops = (counts.sum(axis=0)[:, None] * passes_sig).sum(axis=0) / plans.pp
+    t = comm.collective_time_s(kind, per_op[pick, cols], n, stride, cluster)
+    records.append({"name": name, "kind": kind, "group": group, "group_size": n,
+                    "level": comm.span_level(cluster, n, stride), "bytes": per_op[pick, cols],
+                    "count_per_step": np.ceil(ops) * plans.microbatches, "time_s": t})
+
+
+def _data_parallel(out, plans, cluster, opt, records, elem):
+    """Gradient reduction, ZeRO/FSDP gathers and the optimizer step (per step)."""
+    params = out["stage_params"]
+    w_bytes = 2 * elem
+    grads = params * w_bytes
+    sharded = (plans.fsdp > 1) | (plans.zero == 3)
+    n_dp, s_dp = plans.group(("cp", "fsdp", "dp"))           # every rank holding the same weights
+    n_sh, s_sh = np.where(plans.fsdp > 1, plans.group(("cp", "fsdp")), (n_dp, s_dp))
+    n_rep, s_rep = plans.group(("dp",))
+    alg = opt.dp_algorithm
+    plain = ~sharded & (plans.zero == 0)
+    t_ar = _collective(records, "DP gradient all-reduce", "all_reduce", "dp", n_dp, s_dp,
+                       grads, np.where(plain, 1, 0), cluster, alg)
+    t_rs = _collective(records, "ZeRO/FSDP gradient reduce-scatter", "reduce_scatter", "fsdp",
+                       n_sh, s_sh, grads, np.where(plain, 0, 1), cluster, alg)
+    hsdp = sharded & (plans.dp > 1) & (plans.fsdp > 1)
+    t_hsdp = _collective(records, "HSDP replica all-reduce of shards", "all_reduce", "dp", n_rep,
+                         s_rep, grads / np.maximum(n_sh, 1), np.where(hsdp, 1, 0), cluster, alg)
+    reduce_s = np.where(plain, t_ar, t_rs + np.where(hsdp, t_hsdp, 0.0))
+    if opt.overlap_dp:
+        last_bucket = reduce_s * np.minimum(1.0, opt.bucket_bytes / np.maximum(grads, 1.0))
+        out["dp_exposed_s"] = np.maximum(last_bucket, reduce_s - out["stage_bwd_mb_s"])
+    else:
+        out["dp_exposed_s"] = reduce_s
+    zero12 = ~sharded & (plans.zero > 0)
+    t_ag = _collective(records, "ZeRO-1/2 parameter all-gather", "all_gather", "dp", n_dp, s_dp,
+                       params * w_bytes, np.where(zero12, 1, 0), cluster, alg)
+    out["zero_gather_s"] = np.where(zero12, t_ag, 0.0)
+    # FSDP gathers each unit's weights before its forward and again before its backward,
+    # prefetching the next unit while this one computes.
+    units = np.maximum(out["stage_units"], 1)
+    unit_bytes = params * w_bytes / units
+    t_unit = _collective(records, "FSDP parameter all-gather (per unit)", "all_gather", "fsdp",
+                         n_sh, s_sh, unit_bytes, np.where(sharded, 2 * units * plans.microbatches, 0),
+                         cluster, alg)
+    fwd_unit = (out["compute_s"] - out["stage_bwd_mb_s"]) / units
+    bwd_unit = out["stage_bwd_mb_s"] / units
+    hidden = units * (np.maximum(0, t_unit - fwd_unit) + np.maximum(0, t_unit - bwd_unit))
+    out["fsdp_exposed_s"] = np.where(sharded, 2 * t_unit + hidden, 0.0)
+    opt_params = params / np.where(sharded | (plans.zero >= 1), n_sh, 1)
+    bw = cluster.chip.memory_bandwidth_Bps * efficiency_for(cluster.chip.name).memory
+    out["optimizer_s"] = opt_params * OPTIMIZER_STEP_BYTES[opt.optimizer] / bw
+
+
+def _rates(out, prof, plans, cluster):
+    """Throughput, model and hardware FLOPs, MFU and HFU."""
+    g = prof.graph
+    unit_fwd = float(sum(l.fwd_flops for l in g.layers if 0 <= l.unit < g.units))
+    attn_fwd = float(sum(l.fwd_flops for l in g.layers
+                         if l.kind == "attention" and 0 <= l.unit < g.units))
+    recompute = np.where(plans.recompute == RECOMPUTE_FULL, unit_fwd,
+                         np.where(plans.recompute == RECOMPUTE_SELECTIVE, attn_fwd, 0))
+    step = out["step_time_s"]
+    n = plans.n_chips
+    peak = cluster.chip.peak_flops_per_s(plans.dtype)
+    out["model_flops_per_step"] = float(g.model_flops) * plans.gbs.astype(float)
+    out["hardware_flops_per_step"] = out["model_flops_per_step"] + recompute * plans.gbs
+    out["samples_per_s"] = plans.gbs / step
+    out["tokens_per_s"] = out["samples_per_s"] * (g.seq or 1)
+    out["model_tflops_per_chip"] = out["model_flops_per_step"] / step / n / 1e12
+    out["hardware_tflops_per_chip"] = out["hardware_flops_per_step"] / step / n / 1e12
+    out["mfu"] = out["model_flops_per_step"] / (step * n * peak)
+    out["hfu"] = out["hardware_flops_per_step"] / (step * n * peak)
