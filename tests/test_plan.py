@@ -8,8 +8,9 @@ import pytest
 
 from workbench import costmodel
 from workbench.costmodel.graph import POST_UNIT, PRE_UNIT, LayerGraph, make_layer
-from workbench.plan import (KEYS, Plan, PlanError, bottleneck_stage, stage_flops, stage_layers,
-                            stage_units, virtual_stage_layers, virtual_stage_units)
+from workbench.plan import KEYS, Plan, PlanError
+from workbench.stages import (bottleneck_stage, stage_flops, stage_layers, stage_units,
+                              virtual_stage_layers, virtual_stage_units)
 
 
 @pytest.fixture(scope="module")

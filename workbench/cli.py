@@ -116,7 +116,8 @@ def cmd_hardware(args) -> int:
 
 def cmd_plan(args) -> int:
     """`workbench plan PLAN --model M --chips N`: validate a plan, show its mesh and stages."""
-    from .plan import Plan, stage_flops, stage_units
+    from .plan import Plan
+    from .stages import stage_flops, stage_units
 
     plan = Plan.parse(args.plan)
     g = costmodel.graph(args.model, batch=1, **parse_set(args.set))
@@ -131,6 +132,94 @@ def cmd_plan(args) -> int:
         print(table([{"stage": i, "units": len(u), "first..last": f"{u[0]}..{u[-1]}",
                       "fwd+bwd FLOP/sample": si(f)} for i, (u, f) in enumerate(zip(units, flops))],
                     ["stage", "units", "first..last", "fwd+bwd FLOP/sample"]))
+    return 0
+
+
+def _cluster(args):
+    from . import hardware
+    if args.cluster.endswith((".toml", ".json")):
+        cl = hardware.load_cluster(args.cluster)
+        return cl if cl.n_chips == args.chips else cl.with_n_chips(args.chips)
+    return hardware.cluster(args.cluster, args.chips)
+
+
+def _options(args):
+    from .costmodel import CostOptions
+    return CostOptions(**{k: (v.lower() == "true" if v.lower() in ("true", "false") else v)
+                          for k, v in parse_set(args.options).items()})
+
+
+def _graph_for(args):
+    overrides = parse_set(args.set)
+    if args.seq:
+        overrides["seq"] = args.seq
+    return costmodel.graph(args.model, batch=1, **overrides)
+
+
+def cmd_estimate(args) -> int:
+    """`workbench estimate`: one plan's memory, communication, step time and MFU."""
+    from .plan import Plan
+    plan = Plan.parse(args.plan)
+    if args.dtype:
+        import dataclasses
+        plan = dataclasses.replace(plan, dtype=args.dtype)
+    e = costmodel.estimate(_graph_for(args), plan, _cluster(args), _options(args))
+    if args.json:
+        print(json.dumps(e.to_json(), indent=1))
+        return 0
+    print(format_estimate(e))
+    return 0
+
+
+def format_estimate(e) -> str:
+    """A human summary of an Estimate: throughput, MFU, time and memory breakdowns, comm."""
+    m = e.memory
+    lines = [f"{e.model} on {e.n_chips} x {e.cluster}, plan {e.plan}",
+             f"step {e.step_time_s:.3f} s   {si(e.samples_per_s)} samples/s"
+             + (f"   {si(e.tokens_per_s)} tokens/s" if e.tokens_per_s else "")
+             + f"   MFU {100 * e.mfu:.1f}%   HFU {100 * e.hfu:.1f}%   "
+               f"{e.model_tflops_per_chip:.1f} model TFLOP/s per chip", "",
+             table([{"part": k.removesuffix("_s"), "seconds": f"{v:.4f}",
+                     "share": f"{100 * v / e.step_time_s:.1f}%"}
+                    for k, v in e.breakdown_s.items() if v > 0], ["part", "seconds", "share"]),
+             "", f"memory per rank (stage {m.stage}): {si(m.peak_bytes, 'B')} of "
+                 f"{si(m.capacity_bytes, 'B')} -> "
+                 + ("fits" if m.fits else f"DOES NOT FIT (over by {si(m.over_by_bytes, 'B')})"),
+             table([{"part": k, "bytes": si(getattr(m, f"{k}_bytes"), "B")}
+                    for k in ("weights", "grads", "optimizer", "activations", "fsdp_buffer",
+                              "framework")], ["part", "bytes"])]
+    if e.comm:
+        lines += ["", table([{"collective": c.name, "group": f"{c.group} x{c.group_size}",
+                              "level": c.level, "bytes": si(c.bytes, "B"),
+                              "per step": c.count_per_step, "each": f"{c.seconds * 1e3:.3f} ms"}
+                             for c in e.comm],
+                            ["collective", "group", "level", "bytes", "per step", "each"])]
+    return "\n".join(lines)
+
+
+def cmd_search(args) -> int:
+    """`workbench search`: every valid plan ranked by throughput; the top K that fit."""
+    g = _graph_for(args)
+    fixed = {k: (int(v) if v.isdigit() else v == "true" if v in ("true", "false") else v)
+             for k, v in parse_set(args.fix).items()}
+    result = costmodel.search(g, _cluster(args), args.chips, args.global_batch,
+                              options=_options(args), dtype=args.dtype or "bf16",
+                              fixed=fixed or None)
+    top = result.top(args.top)
+    if args.json:
+        print(json.dumps({"evaluated": result.evaluated, "fit": int(len(result.ranking)),
+                          "seconds": result.seconds, "top": top}, indent=1))
+        return 0
+    print(f"{result.evaluated:,} valid plans evaluated in {result.seconds:.2f} s "
+          f"({result.evaluated / result.seconds:,.0f} plans/s); {len(result.ranking):,} fit memory")
+    if not top:
+        print("no plan fits: try more chips, a smaller batch or recompute=full")
+        return 1
+    rate = "tokens/s" if g.seq else "samples/s"
+    print(table([{"#": i + 1, "plan": r["plan"], "step s": f"{r['step_time_s']:.3f}",
+                  rate: si(r["tokens_per_s"] if g.seq else r["samples_per_s"]),
+                  "MFU": f"{100 * r['mfu']:.1f}%", "memory": si(r["memory_peak_bytes"], "B")}
+                 for i, r in enumerate(top)], ["#", "plan", "step s", rate, "MFU", "memory"]))
     return 0
 
 
@@ -161,6 +250,24 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--set", help="model config overrides, e.g. layers=4")
     pl.add_argument("--chips", type=int, required=True, help="world size")
     pl.set_defaults(func=cmd_plan)
+    for name, func, hlp in (("estimate", cmd_estimate, "predict one plan's step"),
+                            ("search", cmd_search, "rank every valid plan")):
+        c = sub.add_parser(name, help=hlp)
+        c.add_argument("--model", required=True, help="flavour name (see `workbench models`)")
+        c.add_argument("--set", help="model config overrides, e.g. layers=96,hidden=12288")
+        c.add_argument("--cluster", default="dgx-h100", help="preset or .toml/.json file")
+        c.add_argument("--chips", type=int, required=True, help="chips in the cluster")
+        c.add_argument("--seq", type=int, help="sequence length (overrides the model's)")
+        c.add_argument("--dtype", choices=("bf16", "fp16", "fp32", "fp8"), help="compute dtype")
+        c.add_argument("--options", help="cost options, e.g. attention=unfused,overlap_dp=false")
+        c.add_argument("--json", action="store_true", help="print JSON")
+        if name == "estimate":
+            c.add_argument("--plan", required=True, help='e.g. "dp=8,tp=8,pp=4,mb=1,gbs=256"')
+        else:
+            c.add_argument("--global-batch", type=int, required=True, help="samples per step")
+            c.add_argument("--top", type=int, default=10, help="plans to show (default 10)")
+            c.add_argument("--fix", help="pin plan keys, e.g. tp=8,recompute=full")
+        c.set_defaults(func=func)
     return p
 
 

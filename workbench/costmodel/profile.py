@@ -14,7 +14,7 @@ from functools import cached_property, lru_cache
 
 import numpy as np
 
-from ..plan import virtual_stage_units
+from ..stages import virtual_stage_units
 from .graph import POST_UNIT, PRE_UNIT, LayerGraph
 
 TP_SPLIT = ("column", "row", "heads", "vocab")
