@@ -98,7 +98,7 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
     t_ar = comm.collective_time_s("all_reduce", tp_bytes, n_tp, s_tp, cluster)
     passes = prof.tp_passes[:, None] + full * (prof.tp_passes[:, None] == 2)
     tp_sig = t_ar * passes
-    _record_per_op(records, "TP all-reduce (activations)", "all_reduce", "tp", n_tp, s_tp,
+    _record_per_op(records, "TP all-reduce (reduce-scatter + all-gather with SP)", "all_reduce", "tp", n_tp, s_tp,
                    tp_bytes, passes, counts, prof, plans, cluster)
 
     # CP: ring attention = all-gather K/V forward; all-gather K/V + reduce-scatter dK/dV backward.
