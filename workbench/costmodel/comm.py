@@ -30,7 +30,7 @@ COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send
 ALGORITHMS = ("ring", "tree", "hierarchical")
 
 
-def _steps(kind: str, n: np.ndarray) -> np.ndarray:
+def hops(kind: str, n: np.ndarray) -> np.ndarray:
     """Latency hops of the ring (or direct) algorithm."""
     if kind == "all_reduce":
         return 2 * (n - 1)
@@ -70,7 +70,7 @@ def span_level(cluster: Cluster, n, stride) -> np.ndarray:
 
 def _flat(kind, size, n, level, cluster):
     _, bw, lat = _level_arrays(cluster)
-    return _steps(kind, n) * lat[level] + wire_factor(kind, n) * size / bw[level]
+    return hops(kind, n) * lat[level] + wire_factor(kind, n) * size / bw[level]
 
 
 def collective_time_s(kind: str, size_bytes, n, stride, cluster: Cluster,

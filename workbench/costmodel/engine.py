@@ -22,8 +22,9 @@ from .efficiency import efficiency_for
 from .memory import memory_per_stage
 from .plans import DTYPE_BYTES, CostOptions, PlanArrays
 from .profile import GraphProfile
+from .volumes import (RECOMPUTE_FULL, RECOMPUTE_SELECTIVE, group_of, layer_collectives, p2p_bytes,
+                      rank_params)
 
-RECOMPUTE_SELECTIVE, RECOMPUTE_FULL = 1, 2
 OPTIMIZER_STEP_BYTES = {"adam": 28, "sgd": 20}
 """Bytes each parameter's optimizer update reads and writes (Adam: fp32 master, m, v read and
 written (24) + the low-precision grad read and weight written (4); SGD: master and momentum
@@ -91,62 +92,33 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
     rec_sig = np.where(full, t_f, np.where(selective, t_f * is_attention, 0.0))
     gemm_sig = compute_sig * prof.counted[:, None]
 
-    # TP: all-reduce (or reduce-scatter + all-gather with SP: the same bytes) per row op, forward
-    # and backward, again in a full recompute's forward.
-    tp_bytes = prof.tp_allreduce_bytes[:, None] * mb / cp * elem
-    n_tp, s_tp = plans.group(("tp",))
-    t_ar = comm.collective_time_s("all_reduce", tp_bytes, n_tp, s_tp, cluster)
-    passes = prof.tp_passes[:, None] + full * (prof.tp_passes[:, None] == 2)
-    tp_sig = t_ar * passes
-    _record_per_op(records, "TP all-reduce (reduce-scatter + all-gather with SP)", "all_reduce", "tp", n_tp, s_tp,
-                   tp_bytes, passes, counts, prof, plans, cluster)
-
-    # CP: ring attention = all-gather K/V forward; all-gather K/V + reduce-scatter dK/dV backward.
-    n_cp, s_cp = plans.group(("cp",))
-    kv = prof.kv_bytes[:, None] * mb * elem * np.where(prof.tp_split[:, None], 1.0 / tp, 1.0)
-    again = (full | selective)
-    if opt.cp_algorithm == "ring":
-        t_cp = (comm.collective_time_s("all_gather", kv, n_cp, s_cp, cluster) * (2 + again)
-                + comm.collective_time_s("reduce_scatter", kv, n_cp, s_cp, cluster))
-        _record_per_op(records, "CP ring K/V exchange", "all_gather", "cp", n_cp, s_cp, kv,
-                       (prof.kv_bytes > 0)[:, None] * (3 + again), counts, prof, plans, cluster)
-    else:
-        qkvo = (prof.kv_bytes + prof.qo_bytes)[:, None] * mb * elem / tp / np.maximum(cp, 1)
-        t_cp = comm.collective_time_s("all_to_all", qkvo, n_cp, s_cp, cluster) * (2 + 2 + again)
-        _record_per_op(records, "CP all-to-all (Ulysses)", "all_to_all", "cp", n_cp, s_cp, qkvo,
-                       (prof.kv_bytes > 0)[:, None] * (4 + again), counts, prof, plans, cluster)
-    cp_sig = t_cp * (prof.kv_bytes > 0)[:, None]
-
-    # EP: dispatch and combine all-to-all forward, both again backward (and in a recompute).
-    n_ep = plans.ep
-    s_ep = plans.group(("cp", "fsdp"))[1]
-    moe_bytes = prof.moe_buffer_bytes[:, None] * mb / cp * elem
-    t_a2a = comm.collective_time_s("all_to_all", moe_bytes, n_ep, s_ep, cluster)
-    ep_passes = (prof.moe_buffer_bytes > 0)[:, None] * (4 + 2 * full)
-    ep_sig = t_a2a * ep_passes
-    _record_per_op(records, "EP all-to-all (dispatch + combine)", "all_to_all", "ep", n_ep, s_ep,
-                   moe_bytes, ep_passes, counts, prof, plans, cluster)
+    # TP, CP and EP collectives inside each op, on the critical path.
+    group_sig = {"tp": 0.0, "cp": 0.0, "ep": 0.0}
+    for fam in layer_collectives(prof, plans, opt):
+        n_g, s_g = group_of(plans, fam.group)
+        calls = fam.fwd_calls + fam.bwd_calls
+        group_sig[fam.group] = group_sig[fam.group] + calls * comm.collective_time_s(
+            fam.kind, fam.bytes, n_g, s_g, cluster)
+        _record_per_op(records, fam.name, fam.kind, fam.group, n_g, s_g, fam.bytes, calls,
+                       counts, prof, plans, cluster)
+    tp_sig, cp_sig, ep_sig = group_sig["tp"], group_sig["cp"], group_sig["ep"]
+    n_tp, s_tp = group_of(plans, "tp")
 
     # PP: each microbatch sends its activation forward and its gradient back, per model chunk.
-    ckpt = np.where(prof.checkpoint_sig[1:-1] >= 0,
-                    prof.saved_bytes[prof.checkpoint_sig[1:-1]], 0.0).mean() if prof.units else 0.0
-    p2p_div = np.where(plans.sp | opt.pp_scatter_gather, tp, 1)
-    p2p_bytes = ckpt * mb / cp / p2p_div * elem
+    p2p = p2p_bytes(prof, plans, opt)
     n_pp, s_pp = plans.group(("pp",))
-    t_p2p = comm.collective_time_s("send_recv", p2p_bytes, np.minimum(n_pp, 2), s_pp, cluster)
+    t_p2p = comm.collective_time_s("send_recv", p2p, np.minimum(n_pp, 2), s_pp, cluster)
     if opt.pp_scatter_gather:  # the receiver all-gathers the 1/tp slices over the TP group
         t_p2p = t_p2p + np.where(plans.sp, 0.0, comm.collective_time_s(
-            "all_gather", p2p_bytes * tp, n_tp, s_tp, cluster))
+            "all_gather", p2p * tp, n_tp, s_tp, cluster))
     pp_mb = np.where(plans.pp > 1, 2 * plans.vpp * t_p2p, 0.0)
     m = plans.microbatches
     records.append({"name": "PP send/recv (activations, gradients)", "kind": "send_recv",
                     "group": "pp", "group_size": n_pp, "level": comm.span_level(cluster, 2, s_pp),
-                    "bytes": p2p_bytes, "count_per_step": np.where(plans.pp > 1, 2 * plans.vpp * m, 0),
+                    "bytes": p2p, "count_per_step": np.where(plans.pp > 1, 2 * plans.vpp * m, 0),
                     "time_s": t_p2p})
 
-    # Parameters per rank on each row (TP splits its ops, EP the experts).
-    p_sig = prof.params[:, None] * np.where(prof.tp_split[:, None], 1.0 / tp, 1.0)
-    p_sig = p_sig * np.where(prof.ep[:, None], 1.0 / plans.ep, 1.0)
+    p_sig = rank_params(prof, plans)
     attention_sig = compute_sig * is_attention
 
     out = {name: np.zeros(n) for name in (
@@ -234,7 +206,8 @@ def _data_parallel(out, plans, cluster, opt, records, elem):
                        params * w_bytes, np.where(zero12, 1, 0), cluster, alg)
     out["zero_gather_s"] = np.where(zero12, t_ag, 0.0)
     # FSDP gathers each unit's weights before its forward and again before its backward,
-    # prefetching the next unit while this one computes.
+    # prefetching the next unit while this one computes: the first gather of each pass is
+    # exposed, each later one only by what the previous unit's compute does not hide.
     units = np.maximum(out["stage_units"], 1)
     unit_bytes = params * w_bytes / units
     t_unit = _collective(records, "FSDP parameter all-gather (per unit)", "all_gather", "fsdp",
@@ -242,11 +215,16 @@ def _data_parallel(out, plans, cluster, opt, records, elem):
                          cluster, alg)
     fwd_unit = (out["compute_s"] - out["stage_bwd_mb_s"]) / units
     bwd_unit = out["stage_bwd_mb_s"] / units
-    hidden = units * (np.maximum(0, t_unit - fwd_unit) + np.maximum(0, t_unit - bwd_unit))
+    hidden = (units - 1) * (np.maximum(0, t_unit - fwd_unit) + np.maximum(0, t_unit - bwd_unit))
     out["fsdp_exposed_s"] = np.where(sharded, 2 * t_unit + hidden, 0.0)
     opt_params = params / np.where(sharded | (plans.zero >= 1), n_sh, 1)
+    out["optimizer_s"] = optimizer_s(opt_params, cluster, opt)
+
+
+def optimizer_s(params_per_rank, cluster: Cluster, opt: CostOptions):
+    """Seconds of the optimizer update of `params_per_rank` parameters (memory bound)."""
     bw = cluster.chip.memory_bandwidth_Bps * efficiency_for(cluster.chip.name).memory
-    out["optimizer_s"] = opt_params * OPTIMIZER_STEP_BYTES[opt.optimizer] / bw
+    return params_per_rank * OPTIMIZER_STEP_BYTES[opt.optimizer] / bw
 
 
 def _rates(out, prof, plans, cluster):

@@ -52,8 +52,10 @@ class GraphProfile:
     tp_allreduce_bytes: np.ndarray
     """Bytes per sample of the TP all-reduce the op needs per pass (0 if none): the output of
     row-parallel and vocab-parallel-embedding ops, the input grad of the vocab-parallel head."""
-    tp_passes: np.ndarray
-    """Passes that all-reduce: 2 for row ops (forward and backward), 1 for vocab ops."""
+    tp_fwd_calls: np.ndarray
+    """TP all-reduces of the op in the forward pass (row-parallel and vocab embedding: 1)."""
+    tp_bwd_calls: np.ndarray
+    """TP all-reduces of the op in the backward pass (row-parallel and vocab head: 1)."""
     score_elements: np.ndarray
     """Attention score elements per sample (heads x q_len x kv_len), 0 for other ops."""
     kv_bytes: np.ndarray
@@ -129,13 +131,13 @@ def profile(graph: LayerGraph) -> GraphProfile:
     entries = []
     first_sig = np.full(rows, -1)
     for layer in graph.layers:
-        tp_bytes, passes = 0, 0
+        tp_bytes, tp_fwd, tp_bwd = 0, 0, 0
         if layer.tp == "row":
-            tp_bytes, passes = layer.write_bytes, 2
+            tp_bytes, tp_fwd, tp_bwd = layer.write_bytes, 1, 1
         elif layer.tp == "vocab" and layer.kind == "embedding":
-            tp_bytes, passes = layer.write_bytes, 1
+            tp_bytes, tp_fwd = layer.write_bytes, 1
         elif layer.tp == "vocab" and layer.kind == "linear":
-            tp_bytes, passes = layer.saved_bytes, 1
+            tp_bytes, tp_bwd = layer.saved_bytes, 1
         shape = layer.shape
         score = kv = qo = moe = 0
         if layer.kind == "attention":
@@ -150,7 +152,8 @@ def profile(graph: LayerGraph) -> GraphProfile:
                    tp_sequence=layer.tp == "sequence", cp=layer.cp, ep=layer.ep,
                    counted=layer.counted, fwd_flops=layer.fwd_flops, bwd_flops=layer.bwd_flops,
                    rw_bytes=layer.read_bytes + layer.write_bytes, saved_bytes=layer.saved_bytes,
-                   params=layer.params, tp_allreduce_bytes=tp_bytes, tp_passes=passes,
+                   params=layer.params, tp_allreduce_bytes=tp_bytes, tp_fwd_calls=tp_fwd,
+                   tp_bwd_calls=tp_bwd,
                    score_elements=score, kv_bytes=kv, qo_bytes=qo, moe_buffer_bytes=moe)
         key = tuple(col.values())
         if key not in keys:
