@@ -197,6 +197,44 @@ def format_estimate(e) -> str:
     return "\n".join(lines)
 
 
+def cmd_simulate(args) -> int:
+    """`workbench simulate`: one step as discrete events; timeline to --trace."""
+    import dataclasses
+
+    from .plan import Plan
+    from .simulator import simulate
+    plan = Plan.parse(args.plan)
+    if args.dtype:
+        plan = dataclasses.replace(plan, dtype=args.dtype)
+    speed = {int(k): float(v) for k, v in parse_set(args.speed).items()}
+    r = simulate(_graph_for(args), plan, _cluster(args), _options(args), mode=args.mode,
+                 speed=speed, record=bool(args.trace or args.gantt))
+    if args.trace:
+        r.save_trace(args.trace)
+    if args.gantt:
+        r.gantt().write_html(args.gantt, include_plotlyjs=True)
+    if args.json:
+        print(json.dumps(r.to_json(), indent=1))
+        return 0
+    print(f"{r.model} on {r.n_chips} x {r.cluster}, plan {r.plan} ({r.mode} simulation)")
+    print(f"step {r.step_time_s:.3f} s (cost model {r.predicted_step_time_s:.3f} s, "
+          f"{100 * (r.step_time_s / r.predicted_step_time_s - 1):+.1f}%)   MFU {100 * r.mfu:.1f}%   "
+          f"{r.events:,} events in {r.wall_s:.2f} s")
+    print()
+    print(table([{"part": k.removesuffix("_s"), "seconds": f"{v:.4f}",
+                  "share": f"{100 * v / r.step_time_s:.1f}%"}
+                 for k, v in r.breakdown_s.items() if v > 0], ["part", "seconds", "share"]))
+    busy = [u for u in r.link_utilisation if u["bytes"] > 0][:5]
+    if busy:
+        print()
+        print(table([{"link": u["link"], "level": u["level"], "bytes": si(u["bytes"], "B"),
+                      "busy": f"{100 * u['utilisation']:.1f}%"} for u in busy],
+                    ["link", "level", "bytes", "busy"]))
+    if args.trace:
+        print(f"\ntimeline: {args.trace} (open in https://ui.perfetto.dev)")
+    return 0
+
+
 def cmd_search(args) -> int:
     """`workbench search`: every valid plan ranked by throughput; the top K that fit."""
     g = _graph_for(args)
@@ -251,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--chips", type=int, required=True, help="world size")
     pl.set_defaults(func=cmd_plan)
     for name, func, hlp in (("estimate", cmd_estimate, "predict one plan's step"),
+                            ("simulate", cmd_simulate, "simulate one plan's step (SimPy)"),
                             ("search", cmd_search, "rank every valid plan")):
         c = sub.add_parser(name, help=hlp)
         c.add_argument("--model", required=True, help="flavour name (see `workbench models`)")
@@ -261,8 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--dtype", choices=("bf16", "fp16", "fp32", "fp8"), help="compute dtype")
         c.add_argument("--options", help="cost options, e.g. attention=unfused,overlap_dp=false")
         c.add_argument("--json", action="store_true", help="print JSON")
-        if name == "estimate":
+        if name in ("estimate", "simulate"):
             c.add_argument("--plan", required=True, help='e.g. "dp=8,tp=8,pp=4,mb=1,gbs=256"')
+        if name == "simulate":
+            c.add_argument("--trace", help="write the timeline as Chrome trace JSON (Perfetto)")
+            c.add_argument("--gantt", help="write the timeline as a plotly Gantt HTML file")
+            c.add_argument("--mode", choices=("symmetric", "full"), default="symmetric",
+                           help="one rank per stage (default) or every rank (<= 64 chips)")
+            c.add_argument("--speed", help="per-rank slowdowns, e.g. 3=1.2,17=1.5")
         else:
             c.add_argument("--global-batch", type=int, required=True, help="samples per step")
             c.add_argument("--top", type=int, default=10, help="plans to show (default 10)")

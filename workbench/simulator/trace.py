@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import plotly.graph_objects as go
 
 CATEGORIES = ("compute", "comm", "wait", "optimizer")
@@ -200,13 +201,18 @@ def gantt_figure(
         evs = by_category.get(category)
         if not evs:
             continue
-        start_ms = [ev.start_s * _MS_PER_S for ev in evs]
-        dur_ms = [(ev.end_s - ev.start_s) * _MS_PER_S for ev in evs]
-        custom = [[ev.name, s, s + d, d, ev.level or "-"] for ev, s, d in zip(evs, start_ms, dur_ms)]
+        # numpy arrays, not lists: plotly validates lists element by element (~40x slower)
+        start_ms = np.array([ev.start_s for ev in evs]) * _MS_PER_S
+        end_ms = np.array([ev.end_s for ev in evs]) * _MS_PER_S
+        dur_ms = end_ms - start_ms
+        custom = np.empty((len(evs), 5), dtype=object)
+        custom[:, 0] = [ev.name for ev in evs]
+        custom[:, 1], custom[:, 2], custom[:, 3] = start_ms, end_ms, dur_ms
+        custom[:, 4] = [ev.level or "-" for ev in evs]
         fig.add_trace(go.Bar(
             name=category,
             orientation="h",
-            y=[labels[ev.rank] for ev in evs],
+            y=np.array([labels[ev.rank] for ev in evs], dtype=object),
             x=dur_ms,
             base=start_ms,
             marker_color=CATEGORY_COLOURS[category],
