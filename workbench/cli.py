@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--mode", choices=("symmetric", "full"), default="symmetric",
                            help="one rank per stage (default) or every rank (<= 64 chips)")
             c.add_argument("--speed", help="per-rank slowdowns, e.g. 3=1.2,17=1.5")
-        else:
+        if name == "search":
             c.add_argument("--global-batch", type=int, required=True, help="samples per step")
             c.add_argument("--top", type=int, default=10, help="plans to show (default 10)")
             c.add_argument("--fix", help="pin plan keys, e.g. tp=8,recompute=full")
