@@ -235,6 +235,47 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    """`workbench run`: train the plan for real and print measured beside predicted."""
+    from .runner import run
+    from .store import Store
+    store = None if args.no_store else Store(args.store)
+    out = run(args.model, args.plan, args.nproc, overrides=parse_set(args.set), steps=args.steps,
+              device=args.device, store=store, timeout_s=args.timeout)
+    if args.json:
+        print(json.dumps({k: v for k, v in out.items() if k != "comm_per_rank"}, indent=1,
+                         default=str))
+        return 0
+    p = out["predicted"]
+    rows = [("step time", f"{out['step_time_s'] * 1e3:.2f} ms", f"{p['step_time_s'] * 1e3:.2f} ms"),
+            ("MFU", f"{100 * out['mfu']:.2f}%", f"{100 * p['mfu']:.2f}%"),
+            ("model TFLOP/s per chip", f"{out['model_tflops_per_chip']:.4f}",
+             f"{p['model_tflops_per_chip']:.4f}"),
+            ("peak memory per rank", si(out["memory_peak_bytes"], "B"),
+             si(p["memory"]["peak_bytes"] - p["memory"]["framework_bytes"], "B") + " (+ framework)")]
+    print(f"{args.model}, plan {out['plan']}, {args.nproc} ranks on {out['device']}: "
+          f"{len(out['step_times_s'])} steps (p10 {out['step_time_p10_s'] * 1e3:.2f} ms, "
+          f"p90 {out['step_time_p90_s'] * 1e3:.2f} ms)")
+    print(table([{"": a, "measured": b, "predicted": c} for a, b, c in rows],
+                ["", "measured", "predicted"]))
+    predicted_bytes = {}
+    for c in p["comm"]:
+        predicted_bytes[c["kind"]] = predicted_bytes.get(c["kind"], 0) + c.get("bytes_per_step", 0)
+    kinds = sorted(set(out["comm"]) | set(predicted_bytes))
+    if kinds:
+        print()
+        print(table([{"collective": k, "measured bytes": out["comm"].get(k, {}).get("bytes", 0),
+                      "calls": out["comm"].get(k, {}).get("calls", 0),
+                      "predicted bytes": int(predicted_bytes.get(k, 0))} for k in kinds],
+                    ["collective", "measured bytes", "calls", "predicted bytes"]))
+    if out.get("sampler_message"):
+        print(f"\n{out['sampler_message']}")
+    if store is not None:
+        print(f"\nstored as measurement {out['measurement_id']} (prediction "
+              f"{out['prediction_id']}) in {store.path}")
+    return 0
+
+
 def cmd_search(args) -> int:
     """`workbench search`: every valid plan ranked by throughput; the top K that fit."""
     g = _graph_for(args)
@@ -313,6 +354,18 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--top", type=int, default=10, help="plans to show (default 10)")
             c.add_argument("--fix", help="pin plan keys, e.g. tp=8,recompute=full")
         c.set_defaults(func=func)
+    r = sub.add_parser("run", help="train a plan for real and measure it")
+    r.add_argument("--model", required=True, help="flavour name (a tiny one on a CPU)")
+    r.add_argument("--set", help="model config overrides")
+    r.add_argument("--plan", required=True, help='e.g. "fsdp=2,gbs=8,dtype=fp32"')
+    r.add_argument("--nproc", type=int, required=True, help="ranks (local processes)")
+    r.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    r.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
+    r.add_argument("--timeout", type=float, default=300.0, help="collective timeout, seconds")
+    r.add_argument("--store", help="SQLite store (default $WORKBENCH_STORE or ~/.local/share)")
+    r.add_argument("--no-store", action="store_true", help="do not store the run")
+    r.add_argument("--json", action="store_true", help="print JSON")
+    r.set_defaults(func=cmd_run)
     return p
 
 

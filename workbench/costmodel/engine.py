@@ -31,12 +31,14 @@ written (24) + the low-precision grad read and weight written (4); SGD: master a
 (16) + 4)."""
 
 
-def _collective(records, name, kind, group, n, stride, size, count, cluster, algorithm="ring"):
+def _collective(records, name, kind, group, n, stride, size, count, cluster, algorithm="ring",
+                bytes_per_step=None):
     """Time one collective (per op) and keep a record of it for `Estimate.comm`."""
     t = comm.collective_time_s(kind, size, n, stride, cluster, algorithm)
     records.append({"name": name, "kind": kind, "group": group, "group_size": n,
                     "level": comm.span_level(cluster, n, stride), "bytes": size,
-                    "count_per_step": count, "time_s": t})
+                    "count_per_step": count, "time_s": t,
+                    "bytes_per_step": size * count if bytes_per_step is None else bytes_per_step})
     return t
 
 
@@ -116,6 +118,7 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
     records.append({"name": "PP send/recv (activations, gradients)", "kind": "send_recv",
                     "group": "pp", "group_size": n_pp, "level": comm.span_level(cluster, 2, s_pp),
                     "bytes": p2p, "count_per_step": np.where(plans.pp > 1, 2 * plans.vpp * m, 0),
+                    "bytes_per_step": np.where(plans.pp > 1, 2 * plans.vpp * m * p2p, 0.0),
                     "time_s": t_p2p})
 
     p_sig = rank_params(prof, plans)
@@ -124,7 +127,8 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
     out = {name: np.zeros(n) for name in (
         "compute_s", "recompute_s", "tp_comm_s", "cp_comm_s", "ep_comm_s", "pp_comm_s",
         "fsdp_exposed_s", "bubble_s", "stage_time_mb_s", "bottleneck_stage", "stage_params",
-        "stage_units", "stage_bwd_mb_s")}
+        "stage_units", "stage_bwd_mb_s", "stage_root_params")}
+    pre_params, post_params = counts[0] @ p_sig, counts[-1] @ p_sig  # FSDP roots: N each
     groups = {}
     for (pp, vpp) in {(int(a), int(b)) for a, b in zip(plans.pp, plans.vpp)}:
         idx = np.nonzero((plans.pp == pp) & (plans.vpp == vpp))[0]
@@ -148,8 +152,12 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
         out["stage_time_mb_s"][idx] = pick(total)
         out["bottleneck_stage"][idx] = worst
         out["stage_bwd_mb_s"][idx] = pick(sc @ cols(t_b))
-        out["stage_params"][idx] = (sc @ cols(p_sig)).max(axis=0)
-        out["stage_units"][idx] = max(1, prof.units // (pp * vpp)) * vpp
+        stage_params = sc @ cols(p_sig)                      # stage x k
+        root = a[:, :1] * pre_params[idx] + a[:, -1:] * post_params[idx]
+        big = stage_params.argmax(axis=0)
+        out["stage_params"][idx] = stage_params[big, np.arange(len(idx))]
+        out["stage_root_params"][idx] = root[big, np.arange(len(idx))]
+        out["stage_units"][idx] = a[big, 1:-1].sum(axis=1)
 
     _data_parallel(out, plans, cluster, opt, records, elem)
     out["stage_time_mb_s"] += out["fsdp_exposed_s"]
@@ -165,16 +173,21 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
 
 def _record_per_op(records, name, kind, group, n, stride, size_sig, passes_sig, counts, prof,
                    plans, cluster):
-    """Record the largest op's collective of a per-signature family, counted per step on the
-    slowest stage (ops per microbatch x microbatches; all stages when pp is 1)."""
+    """Record a per-op collective family: its largest call, and its calls and bytes per step
+    on one rank of a stage (the model's ops over pp stages, times the microbatches)."""
     per_op = size_sig * (passes_sig > 0)
     pick = per_op.argmax(axis=0)
     cols = np.arange(per_op.shape[1])
-    ops = (counts.sum(axis=0)[:, None] * passes_sig).sum(axis=0) / plans.pp
+    layers = counts.sum(axis=0)[:, None]
+    ops = (layers * passes_sig).sum(axis=0) / plans.pp
+    total = (layers * passes_sig * size_sig).sum(axis=0) / plans.pp
     t = comm.collective_time_s(kind, per_op[pick, cols], n, stride, cluster)
+    active = np.asarray(n) > 1
     records.append({"name": name, "kind": kind, "group": group, "group_size": n,
                     "level": comm.span_level(cluster, n, stride), "bytes": per_op[pick, cols],
-                    "count_per_step": np.ceil(ops) * plans.microbatches, "time_s": t})
+                    "count_per_step": np.where(active, np.ceil(ops) * plans.microbatches, 0),
+                    "bytes_per_step": np.where(active, total * plans.microbatches, 0.0),
+                    "time_s": t})
 
 
 def _data_parallel(out, plans, cluster, opt, records, elem):
@@ -188,10 +201,16 @@ def _data_parallel(out, plans, cluster, opt, records, elem):
     n_rep, s_rep = plans.group(("dp",))
     alg = opt.dp_algorithm
     plain = ~sharded & (plans.zero == 0)
-    t_ar = _collective(records, "DP gradient all-reduce", "all_reduce", "dp", n_dp, s_dp,
-                       grads, np.where(plain, 1, 0), cluster, alg)
+    units = np.maximum(out["stage_units"], 1)
+    root = out["stage_root_params"]
+    buckets = np.maximum(1, np.ceil(grads / opt.bucket_bytes))
+    t_ar = _collective(records, "DP gradient all-reduce (buckets)", "all_reduce", "dp", n_dp,
+                       s_dp, grads, np.where(plain, buckets, 0), cluster, alg,
+                       bytes_per_step=np.where(plain, grads, 0))
+    rs_calls = np.where(sharded, units + (root > 0), 1)  # FSDP: one per unit and the root
     t_rs = _collective(records, "ZeRO/FSDP gradient reduce-scatter", "reduce_scatter", "fsdp",
-                       n_sh, s_sh, grads, np.where(plain, 0, 1), cluster, alg)
+                       n_sh, s_sh, grads, np.where(plain, 0, rs_calls), cluster, alg,
+                       bytes_per_step=np.where(plain, 0, grads))
     hsdp = sharded & (plans.dp > 1) & (plans.fsdp > 1)
     t_hsdp = _collective(records, "HSDP replica all-reduce of shards", "all_reduce", "dp", n_rep,
                          s_rep, grads / np.maximum(n_sh, 1), np.where(hsdp, 1, 0), cluster, alg)
@@ -205,18 +224,21 @@ def _data_parallel(out, plans, cluster, opt, records, elem):
     t_ag = _collective(records, "ZeRO-1/2 parameter all-gather", "all_gather", "dp", n_dp, s_dp,
                        params * w_bytes, np.where(zero12, 1, 0), cluster, alg)
     out["zero_gather_s"] = np.where(zero12, t_ag, 0.0)
-    # FSDP gathers each unit's weights before its forward and again before its backward,
-    # prefetching the next unit while this one computes: the first gather of each pass is
-    # exposed, each later one only by what the previous unit's compute does not hide.
-    units = np.maximum(out["stage_units"], 1)
-    unit_bytes = params * w_bytes / units
+    # FSDP (FSDP2's defaults) gathers the root's weights (embeddings, head: the pre/post
+    # layers) once per microbatch and keeps them to the end of its backward; each unit's
+    # weights before its forward and again before its backward, prefetching the next unit
+    # while this one computes. The first gathers of each pass are exposed, each later one only
+    # by what the previous unit's compute does not hide.
+    m = plans.microbatches
+    unit_bytes = (params - root) * w_bytes / units
     t_unit = _collective(records, "FSDP parameter all-gather (per unit)", "all_gather", "fsdp",
-                         n_sh, s_sh, unit_bytes, np.where(sharded, 2 * units * plans.microbatches, 0),
-                         cluster, alg)
+                         n_sh, s_sh, unit_bytes, np.where(sharded, 2 * units * m, 0), cluster, alg)
+    t_root = _collective(records, "FSDP root parameter all-gather", "all_gather", "fsdp", n_sh,
+                         s_sh, root * w_bytes, np.where(sharded & (root > 0), m, 0), cluster, alg)
     fwd_unit = (out["compute_s"] - out["stage_bwd_mb_s"]) / units
     bwd_unit = out["stage_bwd_mb_s"] / units
     hidden = (units - 1) * (np.maximum(0, t_unit - fwd_unit) + np.maximum(0, t_unit - bwd_unit))
-    out["fsdp_exposed_s"] = np.where(sharded, 2 * t_unit + hidden, 0.0)
+    out["fsdp_exposed_s"] = np.where(sharded, t_root * (root > 0) + 2 * t_unit + hidden, 0.0)
     opt_params = params / np.where(sharded | (plans.zero >= 1), n_sh, 1)
     out["optimizer_s"] = optimizer_s(opt_params, cluster, opt)
 

@@ -46,6 +46,8 @@ class Collective:
     """Calls per step on one rank of the slowest stage."""
     seconds: float
     """Time of one call on an idle network."""
+    bytes_per_step: float = 0.0
+    """Bytes of all its calls in a step on one rank (`comm.py` conventions)."""
 
 
 @dataclass
@@ -153,7 +155,7 @@ def estimate(graph: LayerGraph, plan: Plan | str, cluster: Cluster,
     comm = [Collective(r["name"], r["kind"], r["group"], int(np.ravel(r["group_size"])[0]),
                        cluster.levels[int(np.ravel(r["level"])[0])].name,
                        float(np.ravel(r["bytes"])[0]), int(np.ravel(r["count_per_step"])[0]),
-                       float(np.ravel(r["time_s"])[0]))
+                       float(np.ravel(r["time_s"])[0]), float(np.ravel(r["bytes_per_step"])[0]))
             for r in out["records"]
             if np.ravel(r["count_per_step"])[0] > 0 and np.ravel(r["group_size"])[0] > 1]
     return Estimate(model=graph.model, plan=plan.compact(), cluster=cluster.name,

@@ -68,9 +68,10 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.hidden)
         self.lm_head = nn.Linear(cfg.hidden, cfg.vocab, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as Megatron-LM does by default
+        self.position_offset = 0  # first position of this rank's sequence shard (CP)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        positions = torch.arange(tokens.shape[1], device=tokens.device) + self.position_offset
         x = self.wte(tokens) + self.wpe(positions)  # (B, S, h)
         for block in self.h:
             x = block(x)

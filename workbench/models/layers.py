@@ -11,26 +11,31 @@ from torch import nn
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with a fused QKV projection (Megatron, ViT, GPT-2 layout).
+    """Multi-head self-attention with a fused QKV projection.
 
     Same parameters as `nn.MultiheadAttention(dim, heads)`: in-projection (3d x d + 3d) and
-    output projection (d x d + d).
+    output projection (d x d + d). The fused projection's rows are grouped per head
+    (q, k, v of head 0, then of head 1, ...: Megatron-LM's layout), so a column-parallel
+    split of `qkv` gives each tensor-parallel rank whole heads; the views use -1 heads so
+    the same code runs on a rank's local heads. `attention_fn` is the attention kernel
+    (`F.scaled_dot_product_attention`; the runner swaps in ring attention for CP).
     """
 
     def __init__(self, dim: int, heads: int, causal: bool, bias: bool = True,
                  dropout: float = 0.0):
         super().__init__()
-        self.heads, self.causal, self.dropout = heads, causal, dropout
+        self.head_dim, self.causal, self.dropout = dim // heads, causal, dropout
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.proj = nn.Linear(dim, dim, bias=bias)
+        self.attention_fn = F.scaled_dot_product_attention
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, d = x.shape
-        qkv = self.qkv(x).view(b, s, 3, self.heads, d // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, S, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(b, s, d))
+        b, s, _ = x.shape
+        qkv = self.qkv(x).view(b, s, -1, 3, self.head_dim)
+        q, k, v = qkv.permute(3, 0, 2, 1, 4)  # each (B, nh, S, hs)
+        y = self.attention_fn(q, k, v, is_causal=self.causal,
+                              dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(b, s, -1))
 
 
 class MLP(nn.Module):

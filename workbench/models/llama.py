@@ -78,15 +78,16 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.heads * cfg.head_dim, cfg.hidden, bias=False)
+        self.attention_fn = F.scaled_dot_product_attention  # the runner's CP swaps this
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
-        q = self.wq(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)      # (B, nh, S, hs)
-        k = self.wk(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)   # (B, nkv, S, hs)
-        v = self.wv(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        # -1 heads: under tensor parallelism a rank holds heads / tp of them.
+        q = self.wq(x).view(b, s, -1, self.head_dim).transpose(1, 2)   # (B, nh, S, hs)
+        k = self.wk(x).view(b, s, -1, self.head_dim).transpose(1, 2)   # (B, nkv, S, hs)
+        v = self.wv(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           enable_gqa=self.kv_heads != self.heads)
+        y = self.attention_fn(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
         return self.wo(y.transpose(1, 2).reshape(b, s, -1))
 
 

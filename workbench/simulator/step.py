@@ -199,7 +199,13 @@ class StepSim:
             grad_bytes = w.params * elem
             buckets = max(1, min(32, math.ceil(grad_bytes / self.opt.bucket_bytes))) if final else 0
             pieces = w.units if fsdp else max(buckets, 1)
-            unit_bytes = w.params * elem / w.units
+            unit_bytes = (w.params - w.root_params) * elem / w.units
+            if fsdp and forward and w.root_params > 0:  # the root, kept until its backward
+                start = self.env.now
+                yield from self._collective(rank, "shard", "all_gather", w.root_params * elem,
+                                            algorithm=self.opt.dp_algorithm)
+                st.fsdp_wait_s += self.env.now - start
+                self._log(rank, "FSDP root all_gather", "comm", start, self._level_name("shard"))
             gather = self.env.process(self._collective(rank, "shard", "all_gather", unit_bytes,
                                                        algorithm=self.opt.dp_algorithm)) if fsdp else None
             launched = 0

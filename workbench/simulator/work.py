@@ -47,6 +47,9 @@ class StageWork:
     """Parameters per rank (before ZeRO/FSDP sharding)."""
     units: int
     """Repeated units in this chunk (at least 1)."""
+    root_params: float = 0.0
+    """Parameters of its pre/post layers (embeddings, head): FSDP's root, gathered once per
+    microbatch."""
 
 
 def virtual_counts(prof: GraphProfile, pp: int, vpp: int) -> np.ndarray:
@@ -75,7 +78,9 @@ def stage_work(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
     counts = rows @ prof.counts                       # V x S
     units = rows @ prof.unit_counts
     families = layer_collectives(prof, plans, opt)
-    params = counts @ rank_params(prof, plans)[:, 0]
+    p_sig = rank_params(prof, plans)[:, 0]
+    params = counts @ p_sig
+    pre, post = prof.counts[0] @ p_sig, prof.counts[-1] @ p_sig
     out = []
     for v in range(pp * vpp):
         def comm(direction):
@@ -90,5 +95,6 @@ def stage_work(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
         out.append(StageWork(fwd_s=float(counts[v] @ t_f),
                              bwd_s=float(counts[v] @ t_b + units[v] @ rec_sig),
                              fwd_comm=comm("fwd"), bwd_comm=comm("bwd"),
-                             params=float(params[v]), units=max(unit_rows, 1)))
+                             params=float(params[v]), units=max(unit_rows, 1),
+                             root_params=float(rows[v, 0] * pre + rows[v, -1] * post)))
     return out

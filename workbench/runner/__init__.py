@@ -1,0 +1,98 @@
+"""Run a plan for real with torch.distributed (gloo on CPU, nccl on GPUs) and measure it.
+
+`run(model, plan, nproc)` launches the ranks, trains, and returns the measurement beside the
+cost model's prediction for the same plan (and stores both when given a `Store`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .. import costmodel, hardware, models
+from ..plan import Plan
+from .launch import RunError, launch
+from .train import RunSpec, summarise
+
+__all__ = ["RunError", "RunSpec", "run", "launch", "prediction_cluster"]
+
+
+def prediction_cluster(device: str, nproc: int, device_name: str | None = None):
+    """The cluster the prediction uses: this host's calibrated cpu cluster (one level of
+    `nproc` ranks; with more ranks than cores they share them, which the calibration does not
+    see), or one node of the GPU the run found."""
+    if device == "cpu":
+        base = hardware.load_cpu_cluster()
+        if nproc <= base.n_chips:
+            return base.with_n_chips(nproc) if nproc != base.n_chips else base
+        level = dataclasses.replace(base.levels[0], size=nproc)
+        return dataclasses.replace(base, levels=(level,), n_chips=nproc)
+    chip = hardware.chip_for_nvml_name(device_name or "")
+    preset = {"a100-sxm-80gb": "dgx-a100", "h100-sxm": "dgx-h100", "h200-sxm": "dgx-h200",
+              "b200": "dgx-b200"}.get(chip.name, "dgx-h100")
+    cl = hardware.cluster(preset, nproc)
+    return dataclasses.replace(cl, chip=chip)
+
+
+def run(model: str, plan: str | Plan, nproc: int, *, overrides: dict | None = None,
+        steps: int = 5, warmup: int = 2, device: str = "cpu", timeout_s: float = 300.0,
+        store=None, compile: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Train `steps` steps of `plan` on `nproc` local ranks; measured beside predicted.
+
+    Keys: `step_time_s` (median; `step_time_p10_s`, `step_time_p90_s`), `samples_per_s`,
+    `tokens_per_s`, `model_tflops_per_chip`, `hardware_tflops_per_chip`, `mfu`, `hfu`,
+    `memory_peak_bytes`, `comm` (bytes and calls per collective kind, busiest rank),
+    `predicted` (the cost model's `Estimate.to_json()` for the same plan), `device`, and the
+    stored ids when `store` is given. A failed rank raises `RunError` (after storing the
+    failure when a store is given).
+    """
+    plan = Plan.parse(plan) if isinstance(plan, str) else plan
+    overrides = dict(overrides or {})
+    cfg = models.get(model, **overrides)
+    graph = costmodel.graph(cfg)
+    device_name = "cpu"
+    if device == "cuda":
+        from ..profiler import nvml
+        device_name = nvml.device_name(0)
+    cluster = prediction_cluster(device, nproc, device_name)
+    predicted = costmodel.estimate(graph, plan, cluster)
+    spec = RunSpec(model=model, plan=plan.compact(), overrides=overrides, steps=steps,
+                   warmup=warmup, device=device, seed=seed, compile=compile)
+    pred_id = None
+    if store is not None:
+        pred_id = store.save("prediction", model=model, plan=plan.compact(), cluster=cluster.name,
+                             n_chips=nproc, payload=predicted.to_json(),
+                             family=models.family_of(cfg).name, device=device_name)
+    try:
+        results = launch(spec, nproc, timeout_s=timeout_s)
+    except RunError as exc:
+        if store is not None:
+            store.save("measurement", model=model, plan=plan.compact(), cluster=cluster.name,
+                       n_chips=nproc, payload={"spec": dataclasses.asdict(spec)},
+                       family=models.family_of(cfg).name, device=device_name, status="failed",
+                       error=str(exc)[:4000], prediction_id=pred_id)
+        raise
+    out = summarise(results, spec)
+    step = out["step_time_s"]
+    peak = cluster.chip.peak_flops_per_s(plan.dtype if plan.dtype in cluster.chip.dense_flops_per_s
+                                         else "fp32")
+    model_flops = float(graph.model_flops) * plan.global_batch_size
+    recompute = {"none": 0.0, "selective": sum(l.fwd_flops for l in graph.layers
+                                               if l.kind == "attention" and 0 <= l.unit < graph.units),
+                 "full": sum(l.fwd_flops for l in graph.layers if 0 <= l.unit < graph.units)}
+    hardware_flops = model_flops + float(recompute[plan.recompute]) * plan.global_batch_size
+    out.update(model=model, plan=plan.compact(), n_chips=nproc, device=device_name,
+               samples_per_s=plan.global_batch_size / step,
+               tokens_per_s=plan.global_batch_size * graph.seq / step if graph.seq else None,
+               model_tflops_per_chip=model_flops / step / nproc / 1e12,
+               hardware_tflops_per_chip=hardware_flops / step / nproc / 1e12,
+               mfu=model_flops / (step * nproc * peak), hfu=hardware_flops / (step * nproc * peak),
+               predicted=predicted.to_json())
+    if store is not None:
+        samples = [(sum(out["step_times_s"][:i]), i, "step_time_s", t)
+                   for i, t in enumerate(out["step_times_s"])] + list(out.pop("samples"))
+        out["measurement_id"] = store.save(
+            "measurement", model=model, plan=plan.compact(), cluster=cluster.name, n_chips=nproc,
+            payload=out, family=models.family_of(cfg).name, device=device_name,
+            prediction_id=pred_id, samples=samples)
+        out["prediction_id"] = pred_id
+    return out

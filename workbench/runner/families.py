@@ -1,0 +1,176 @@
+"""What the runner needs to know per model family: data, loss, pipeline parts, TP plan.
+
+- `batch(cfg, n, seed)`: seeded synthetic inputs and targets of the right shapes.
+- `loss(output, target)`: cross-entropy for classifiers and language models (next-token
+  targets), mean squared error for dense outputs (detectors, segmenters).
+- `pipeline_parts(model)`: (pre, units, post) modules whose composition is the model's
+  forward; pipeline stages take whole units, with pre on the first and post on the last
+  stage, exactly as the layer graph's units (so predictions and runs split the same way).
+- `tp_plan(model, sp)`: module path -> parallel style (torchtitan's style).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import models
+
+
+def batch(cfg, n: int, seed: int = 0) -> tuple[tuple, torch.Tensor]:
+    """(inputs, target) for `n` samples: the family's example inputs and a seeded target."""
+    inputs = models.example_inputs(cfg, n, "cpu")
+    gen = torch.Generator().manual_seed(seed + 1)
+    fam = models.family_of(cfg).name
+    if fam in ("llama", "gpt", "lstm"):
+        target = torch.randint(0, cfg.vocab, inputs[0].shape, generator=gen)
+    elif fam == "captioner":
+        target = torch.randint(0, cfg.vocab, inputs[1].shape, generator=gen)
+    elif hasattr(cfg, "num_classes") and fam not in ("detr", "unet", "fcn", "yolo"):
+        target = torch.randint(0, cfg.num_classes, (n,), generator=gen)
+    else:
+        target = None  # dense outputs: regress onto zero
+    return inputs, target
+
+
+def loss(output, target) -> torch.Tensor:
+    """Mean loss over the batch (so DP/PP averaging matches one process on the whole batch)."""
+    if isinstance(output, dict):
+        return sum(loss(v, None) for v in output.values())
+    if isinstance(output, (tuple, list)):
+        return sum(loss(v, None) for v in output)
+    if target is None:
+        return output.float().pow(2).mean()
+    if output.dim() == target.dim() + 1:  # logits (..., classes)
+        return F.cross_entropy(output.flatten(0, -2).float(), target.flatten())
+    return F.mse_loss(output.float(), target.float())
+
+
+class _Embed(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.tok_embeddings = model.tok_embeddings
+
+    def forward(self, tokens):
+        return self.tok_embeddings(tokens)
+
+
+class _LlamaUnit(nn.Module):
+    def __init__(self, block, model):
+        super().__init__()
+        self.block = block
+        self.register_buffer("rope_cos", model.rope_cos, persistent=False)
+        self.register_buffer("rope_sin", model.rope_sin, persistent=False)
+
+    def forward(self, h):
+        return self.block(h, self.rope_cos, self.rope_sin)
+
+
+class _Head(nn.Module):
+    def __init__(self, norm, output):
+        super().__init__()
+        self.norm, self.output = norm, output
+
+    def forward(self, h):
+        return self.output(self.norm(h))
+
+
+class _GPTEmbed(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.wte, self.wpe, self.model = model.wte, model.wpe, [model]
+
+    def forward(self, tokens):
+        offset = self.model[0].position_offset
+        pos = torch.arange(tokens.shape[1], device=tokens.device) + offset
+        return self.wte(tokens) + self.wpe(pos)
+
+
+class _ResNetStem(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.conv1, self.bn1, self.relu, self.maxpool = m.conv1, m.bn1, m.relu, m.maxpool
+
+    def forward(self, x):
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+
+class _ResNetHead(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.avgpool, self.fc = m.avgpool, m.fc
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def pipeline_parts(model: nn.Module) -> tuple[nn.Module, list[nn.Module], nn.Module]:
+    """(pre, units, post) of a model; raises for families without a pipeline split yet."""
+    from ..models.gpt import GPT
+    from ..models.llama import Llama
+    from ..models.resnet import ResNet
+    if isinstance(model, Llama):
+        return (_Embed(model), [_LlamaUnit(b, model) for b in model.layers],
+                _Head(model.norm, model.output))
+    if isinstance(model, GPT):
+        if model.lm_head.weight is model.wte.weight:
+            raise ValueError("pipeline parallel GPT needs untied embeddings (the runner does not "
+                             "yet synchronise tied weights across stages)")
+        return _GPTEmbed(model), list(model.h), _Head(model.ln_f, model.lm_head)
+    if isinstance(model, ResNet):
+        blocks = [b for s in range(len(model.cfg.stages)) for b in getattr(model, f"layer{s + 1}")]
+        return _ResNetStem(model), blocks, _ResNetHead(model)
+    raise ValueError(f"pipeline parallelism is not implemented in the runner for "
+                     f"{type(model).__name__} (llama, gpt and resnet families have it)")
+
+
+def tp_plan(model: nn.Module, sp: bool) -> dict:
+    """Megatron-style TP (+ sequence parallel) plan of a Llama model (torchtitan's layout)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
+                                                   PrepareModuleOutput, RowwiseParallel,
+                                                   SequenceParallel)
+
+    from ..models.llama import Llama
+    from ..models.moe import MoE
+    if not isinstance(model, Llama):
+        raise ValueError(f"tensor parallelism is implemented in the runner for the llama family "
+                         f"(got {type(model).__name__})")
+    seq = Shard(1) if sp else Replicate()
+    plan = {"tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
+            # vocabulary-parallel logits, consumed by a vocabulary-parallel cross-entropy
+            # (`loss_parallel`): the logits are never gathered (Megatron-LM, torchtitan).
+            "output": ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1),
+                                      use_local_output=False)}
+    if sp:
+        plan["norm"] = SequenceParallel()
+    for i, block in enumerate(model.layers):
+        p = f"layers.{i}"
+        plan.update({
+            f"{p}.attention": PrepareModuleInput(input_layouts=(seq, None, None),
+                                                 desired_input_layouts=(Replicate(), None, None)),
+            f"{p}.attention.wq": ColwiseParallel(), f"{p}.attention.wk": ColwiseParallel(),
+            f"{p}.attention.wv": ColwiseParallel(),
+            f"{p}.attention.wo": RowwiseParallel(output_layouts=seq)})
+        if isinstance(block.feed_forward, MoE):
+            plan[f"{p}.feed_forward"] = _replicated_moe(seq)
+        else:
+            plan.update({
+                f"{p}.feed_forward": PrepareModuleInput(input_layouts=(seq,),
+                                                        desired_input_layouts=(Replicate(),)),
+                f"{p}.feed_forward.w1": ColwiseParallel(),
+                f"{p}.feed_forward.w3": ColwiseParallel(),
+                f"{p}.feed_forward.w2": RowwiseParallel(output_layouts=seq)})
+        if sp:
+            plan[f"{p}.attention_norm"] = SequenceParallel()
+            plan[f"{p}.ffn_norm"] = SequenceParallel()
+    return plan
+
+
+def _replicated_moe(seq):
+    """MoE layers stay whole on every TP rank (experts split by EP instead)."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import PrepareModuleInputOutput
+    return PrepareModuleInputOutput(input_layouts=(seq,), desired_input_layouts=(Replicate(),),
+                                    use_local_input=True, output_layouts=(Replicate(),),
+                                    desired_output_layouts=(seq,), use_local_output=True)

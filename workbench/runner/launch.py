@@ -1,0 +1,111 @@
+"""Start the ranks of a job: local processes (tests, `workbench run --nproc N`) or torchrun.
+
+Every collective has a bounded timeout (`timeout_s`); a rank that raises reports its
+traceback and the job ends with a `RunError` naming the rank; a rank that dies without a
+word (killed, crashed) is detected by its exit code and ends the job the same way. Nothing
+already stored is touched.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import queue as queue_mod
+import socket
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from .train import RunSpec, run_rank
+
+
+class RunError(RuntimeError):
+    """A rank failed; `rank` and `detail` say which and why."""
+
+    def __init__(self, rank: int | None, detail: str):
+        super().__init__(f"rank {rank} failed: {detail}" if rank is not None else detail)
+        self.rank, self.detail = rank, detail
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, spec: RunSpec, results, timeout_s: float,
+            fault: dict | None) -> None:
+    torch.set_num_threads(1)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    backend = "nccl" if spec.device == "cuda" else "gloo"
+    try:
+        if spec.device == "cuda":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        if fault and fault.get("rank") == rank:
+            if fault.get("kind") == "kill":
+                os._exit(9)
+            if fault.get("kind") == "hang":
+                time.sleep(10 * timeout_s)
+        results.put((rank, "ok", run_rank(spec)))
+    except BaseException as exc:  # report everything, then leave
+        results.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+    finally:
+        try:
+            results.close()
+            results.join_thread()  # flush the result before the hard exit below
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        finally:
+            os._exit(0)  # avoids rare aborts in interpreter teardown (see the CPU notes)
+
+
+def launch(spec: RunSpec, nproc: int, timeout_s: float = 120.0,
+           fault: dict | None = None) -> list[dict]:
+    """Run `spec` on `nproc` local processes; every rank's result, by rank.
+
+    `fault` injects a failure for tests: {"rank": r, "kind": "kill" | "hang"}.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, nproc, port, spec, results, timeout_s, fault),
+                         daemon=True) for r in range(nproc)]
+    for p in procs:
+        p.start()
+    got: dict[int, dict] = {}
+    deadline = time.monotonic() + timeout_s * 3 + 60
+    try:
+        while len(got) < nproc:
+            try:
+                rank, status, payload = results.get(timeout=0.5)
+            except queue_mod.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode is not None and r not in got]
+                if dead:  # give a rank that just exited a moment to deliver its report
+                    try:
+                        rank, status, payload = results.get(timeout=2.0)
+                    except queue_mod.Empty:
+                        raise RunError(dead[0], f"process exited with code "
+                                                f"{procs[dead[0]].exitcode} before reporting "
+                                                f"(killed or crashed)") from None
+                    if status == "error":
+                        raise RunError(rank, payload)
+                    got[rank] = payload
+                    continue
+                if time.monotonic() > deadline:
+                    raise RunError(None, f"job did not finish within {timeout_s * 3 + 60:.0f} s")
+                continue
+            if status == "error":
+                raise RunError(rank, payload)
+            got[rank] = payload
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+    return [got[r] for r in range(nproc)]

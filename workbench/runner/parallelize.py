@@ -1,0 +1,244 @@
+"""Apply a Plan to a model: mesh, CP, TP (+SP), EP, pipeline split, checkpointing, compile,
+FSDP / HSDP / DDP, in torchtitan's order, one small function per step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from ..plan import Plan
+from ..stages import virtual_stage_units
+from . import families
+
+MESH_NAMES = {"tp": "tp", "cp": "cp", "fsdp": "dp_shard", "dp": "dp_replicate", "pp": "pp"}
+"""Plan mesh dimensions -> torch DeviceMesh dimension names (torchtitan's)."""
+
+
+def build_mesh(plan: Plan, device_type: str) -> DeviceMesh:
+    """The device mesh of a plan, outermost dimension first (the reverse of `plan.order`),
+    with the flattened groups data parallelism needs."""
+    dims = list(reversed(plan.order.split("-")))
+    mesh = init_device_mesh(device_type, tuple(plan.degree(d) for d in dims),
+                            mesh_dim_names=tuple(MESH_NAMES[d] for d in dims))
+    mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+    mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+    return mesh
+
+
+@dataclass
+class Parallel:
+    """What the training loop drives: the local modules and, with PP, the schedule."""
+
+    model: nn.Module
+    """The whole (TP/EP/CP-transformed) model; with PP, only its stage parts hold this
+    rank's trained weights."""
+    modules: list[nn.Module]
+    """Modules whose parameters this rank trains (the stage chunks with PP)."""
+    schedule: object | None = None
+    """torch.distributed.pipelining schedule (None without PP)."""
+    ddp: nn.Module | None = None
+    """The DDP wrapper (plain data parallelism)."""
+    first_stage: bool = True
+    last_stage: bool = True
+
+
+def apply_cp(model: nn.Module, plan: Plan, mesh: DeviceMesh) -> None:
+    """Context parallel: ring attention in every attention module, positions offset."""
+    if plan.cp == 1:
+        return
+    from .ring_attention import ring_attention
+    group = mesh["cp"].get_group()
+    rank, world = mesh["cp"].get_local_rank(), plan.cp
+    for m in model.modules():
+        if hasattr(m, "attention_fn"):
+            m.attention_fn = partial(_ring_sdpa, ring_attention, group)
+    if hasattr(model, "rope_cos"):  # Llama: this rank's slice of the rotary tables
+        s = model.cfg.seq // world
+        model.rope_cos = model.rope_cos[rank * s:(rank + 1) * s]
+        model.rope_sin = model.rope_sin[rank * s:(rank + 1) * s]
+    if hasattr(model, "position_offset"):
+        model.position_offset = rank * model.cfg.seq // world
+
+
+def _ring_sdpa(ring, group, q, k, v, is_causal=False, dropout_p=0.0, enable_gqa=False, **_):
+    if dropout_p:
+        raise ValueError("context parallel ring attention has no attention dropout")
+    return ring(q, k, v, group, causal=is_causal)
+
+
+def apply_tp(model: nn.Module, plan: Plan, mesh: DeviceMesh) -> None:
+    """Tensor parallel (and sequence parallel) from the family's TP plan."""
+    if plan.tp == 1:
+        return
+    from torch.distributed.tensor.parallel import parallelize_module
+    parallelize_module(model, mesh["tp"], families.tp_plan(model, plan.sequence_parallel))
+
+
+def apply_ep(model: nn.Module, plan: Plan, mesh: DeviceMesh) -> None:
+    """Expert parallel: every MoE layer's experts split over ep ranks of fsdp x cp."""
+    if plan.ep == 1:
+        return
+    from ..models.moe import MoE
+    from .expert_parallel import apply_expert_parallel
+    group = ep_group(plan, mesh)
+    for m in model.modules():
+        if isinstance(m, MoE):
+            apply_expert_parallel(m, group)
+
+
+def ep_group(plan: Plan, mesh: DeviceMesh) -> dist.ProcessGroup:
+    """This rank's EP group: consecutive blocks of ep ranks of the dp_shard x cp group."""
+    shard = mesh["dp_shard_cp"]
+    ranks = dist.get_process_group_ranks(shard.get_group())
+    mine = ranks.index(dist.get_rank())
+    groups = [ranks[i:i + plan.ep] for i in range(0, len(ranks), plan.ep)]
+    # new_group is collective over the world: every rank creates every EP group of every
+    # shard group, in the same order.
+    world = dist.get_world_size()
+    all_ranks = [None] * world
+    dist.all_gather_object(all_ranks, groups)
+    made = {}
+    for gs in all_ranks:
+        for g in gs:
+            key = tuple(g)
+            if key not in made:
+                made[key] = dist.new_group(list(key))
+    return made[tuple(groups[mine // plan.ep])]
+
+
+def apply_checkpointing(unit: nn.Module, mode: str) -> nn.Module:
+    """Activation checkpointing of one unit: `full` reruns its forward in backward,
+    `selective` reruns only the attention kernels (everything else is saved)."""
+    if mode == "none":
+        return unit
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    if mode == "full":
+        return checkpoint_wrapper(unit)
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+    recompute = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+                 torch.ops.aten._scaled_dot_product_efficient_attention.default,
+                 torch.ops.aten._scaled_dot_product_flash_attention.default}
+
+    def policy(ctx, op, *args, **kwargs):
+        return (CheckpointPolicy.PREFER_RECOMPUTE if op in recompute
+                else CheckpointPolicy.MUST_SAVE)
+    return checkpoint_wrapper(unit, context_fn=partial(create_selective_checkpoint_contexts,
+                                                       policy))
+
+
+def apply_data_parallel(modules: list[nn.Module], units: list[nn.Module], plan: Plan,
+                        mesh: DeviceMesh, counter=None):
+    """FSDP2 (per unit, then each root) over dp_shard x cp, HSDP when dp_replicate > 1 too;
+    plain DDP when nothing else splits the model. Returns the DDP wrapper or None."""
+    needs_fsdp = (plan.dp_shard > 1 or plan.cp > 1
+                  or (plan.dp_replicate > 1 and (plan.tp > 1 or plan.pp > 1 or plan.ep > 1)))
+    if needs_fsdp:
+        from torch.distributed.fsdp import fully_shard
+        dp_mesh = (mesh["dp_replicate", "dp_shard_cp"] if plan.dp_replicate > 1
+                   else mesh["dp_shard_cp"])
+        for unit in units:
+            fully_shard(unit, mesh=dp_mesh)
+        for m in modules:
+            fully_shard(m, mesh=dp_mesh)
+        return None
+    if plan.dp_replicate > 1:
+        if len(modules) != 1:
+            raise ValueError("plain DDP wraps one module")
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        import warnings
+        with warnings.catch_warnings():  # the replacement keeps syncing buffers at init
+            warnings.simplefilter("ignore", FutureWarning)
+            ddp = DDP(modules[0], process_group=mesh["dp_cp"].get_group(),
+                      broadcast_buffers=False)  # buffers are constants (rotary tables)
+        if counter is not None:
+            from .comm_counter import ddp_counting_hook
+            ddp.register_comm_hook(mesh["dp_cp"].get_group(), ddp_counting_hook(counter))
+        return ddp
+    return None
+
+
+def parallelize(model: nn.Module, plan: Plan, mesh: DeviceMesh, device: torch.device,
+                compile: bool = False, counter=None) -> Parallel:
+    """The whole plan, in order: CP, TP, EP on the full model; the pipeline split; then per
+    unit activation checkpointing and compile; then FSDP/HSDP or DDP."""
+    apply_cp(model, plan, mesh)
+    apply_tp(model, plan, mesh)
+    apply_ep(model, plan, mesh)
+    if plan.pp == 1:
+        units = _wrap_units(model, plan, compile)
+        ddp = apply_data_parallel([model], units, plan, mesh, counter)
+        return Parallel(model, [model], ddp=ddp)
+    pre, all_units, post = families.pipeline_parts(model)
+    stage = mesh["pp"].get_local_rank()
+    chunks = virtual_stage_units(len(all_units), plan.pp, plan.vpp)
+    stage_modules, pipeline_stages = [], []
+    from torch.distributed.pipelining import PipelineStage
+    for chunk in range(plan.vpp):
+        v = chunk * plan.pp + stage
+        parts = [_maybe(apply_checkpointing(all_units[u], plan.recompute), compile)
+                 for u in chunks[v]]
+        seq = nn.Sequential(*([pre] if v == 0 else []), *parts,
+                            *([post] if v == plan.pp * plan.vpp - 1 else []))
+        stage_modules.append((seq, parts))
+    for seq, parts in stage_modules:
+        apply_data_parallel([seq], parts, plan, mesh)
+    for chunk, (seq, _) in enumerate(stage_modules):
+        v = chunk * plan.pp + stage
+        pipeline_stages.append(PipelineStage(seq, v, plan.pp * plan.vpp, device,
+                                             group=mesh["pp"].get_group()))
+    schedule = _schedule(plan, pipeline_stages)
+    return Parallel(model, [s for s, _ in stage_modules], schedule=schedule,
+                    first_stage=stage == 0, last_stage=stage == plan.pp - 1)
+
+
+def _schedule(plan: Plan, stages):
+    from torch.distributed.pipelining import (Schedule1F1B, ScheduleGPipe,
+                                              ScheduleInterleaved1F1B)
+
+    def loss_fn(output, target):
+        return families.loss(output, target)
+    m = plan.microbatches
+    if plan.schedule == "interleaved-1f1b":
+        return ScheduleInterleaved1F1B(stages, n_microbatches=m, loss_fn=loss_fn)
+    cls = ScheduleGPipe if plan.schedule == "gpipe" else Schedule1F1B
+    return cls(stages[0], n_microbatches=m, loss_fn=loss_fn)
+
+
+def _maybe(unit: nn.Module, compile: bool) -> nn.Module:
+    return torch.compile(unit) if compile else unit
+
+
+def _wrap_units(model: nn.Module, plan: Plan, compile: bool) -> list[nn.Module]:
+    """Checkpoint (and compile) each repeated unit in place; return the units."""
+    for holder, name in _unit_slots(model):
+        unit = getattr(holder, name) if not isinstance(holder, nn.ModuleList) else holder[int(name)]
+        wrapped = _maybe(apply_checkpointing(unit, plan.recompute), compile)
+        if isinstance(holder, nn.ModuleList):
+            holder[int(name)] = wrapped
+        else:
+            setattr(holder, name, wrapped)
+    return [holder[int(n)] if isinstance(holder, nn.ModuleList) else getattr(holder, n)
+            for holder, n in _unit_slots(model)]
+
+
+def _unit_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(container, key) of each repeated unit: transformer blocks, residual blocks."""
+    for name in ("layers", "h", "blocks"):
+        container = getattr(model, name, None)
+        if isinstance(container, nn.ModuleList):
+            return [(container, str(i)) for i in range(len(container))]
+    encoder = getattr(model, "encoder", None)
+    if encoder is not None and isinstance(getattr(encoder, "layers", None), (nn.ModuleList, nn.Sequential)):
+        return [(encoder.layers, str(i)) if isinstance(encoder.layers, nn.ModuleList)
+                else (encoder.layers, n) for i, (n, _) in enumerate(encoder.layers.named_children())]
+    slots = []
+    for s in range(1, 5):
+        stage = getattr(model, f"layer{s}", None)
+        if isinstance(stage, nn.Sequential):
+            slots += [(stage, n) for n, _ in stage.named_children()]
+    return slots

@@ -1,0 +1,234 @@
+"""One rank's job: build the model, apply the plan, feed its data, train and measure.
+
+Runs inside a process that already joined the process group (spawned by `launch.py` or by
+torchrun). Everything a rank measures comes back as a plain dict; rank 0's parent combines
+them into a `Measurement`.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from .. import costmodel, models
+from ..plan import Plan
+from . import families
+from .comm_counter import CommCounter
+from .parallelize import build_mesh, parallelize
+
+
+@dataclass
+class RunSpec:
+    """What to run (picklable: it crosses process boundaries)."""
+
+    model: str
+    """Flavour name."""
+    plan: str
+    """Compact plan."""
+    overrides: dict = field(default_factory=dict)
+    """Model config overrides."""
+    steps: int = 5
+    """Timed steps."""
+    warmup: int = 2
+    """Untimed steps first (DDP rebuilds its buckets on its second step)."""
+    device: str = "cpu"
+    """`cpu` (gloo) or `cuda` (nccl)."""
+    seed: int = 0
+    """Weights and data seed."""
+    compile: bool = False
+    """torch.compile each unit."""
+    grads: bool = False
+    """Return the first step's loss and full gradients (for equivalence tests)."""
+    lr: float = 1e-3
+    """SGD learning rate of the timed steps."""
+
+
+def _slice_batch(inputs, target, plan: Plan, coords: dict, seq_model: bool):
+    """This rank's share: its DP slice of the global batch, its CP slice of the sequence."""
+    dp_index = coords["dp_replicate"] * plan.dp_shard + coords["dp_shard"]
+    local = plan.global_batch_size // plan.dp_degree
+    rows = slice(dp_index * local, (dp_index + 1) * local)
+    inputs = tuple(x[rows] for x in inputs)
+    target = None if target is None else target[rows]
+    if plan.cp > 1:
+        if not seq_model:
+            raise ValueError("context parallel needs a sequence model")
+        s = inputs[0].shape[1] // plan.cp
+        cols = slice(coords["cp"] * s, (coords["cp"] + 1) * s)
+        inputs = tuple(x[:, cols] for x in inputs)
+        target = None if target is None else target[:, cols]
+    return inputs, target
+
+
+def run_rank(spec: RunSpec) -> dict:
+    """Train `spec.steps` (+ warm-up) steps on this rank; return its measurements."""
+    plan = Plan.parse(spec.plan)
+    cfg = models.get(spec.model, **spec.overrides)
+    graph = costmodel.graph(cfg)
+    plan.validate(dist.get_world_size(), graph)
+    device = torch.device(spec.device, torch.cuda.current_device()) if spec.device == "cuda" \
+        else torch.device("cpu")
+    mesh = build_mesh(plan, spec.device)
+    coords = {name: mesh[name].get_local_rank() for name in mesh.mesh_dim_names}
+    torch.manual_seed(spec.seed)
+    with torch.device(device):
+        model = models.build(cfg)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.dtype)
+    if dtype is None:
+        raise ValueError(f"the runner trains in fp32, bf16 or fp16, not dtype={plan.dtype}")
+    model.to(dtype)  # the whole model in the plan's dtype (the cost model's element size)
+    model.train()
+    named = {n: m for n, m in model.named_modules()}
+    param_names = [n for n, _ in model.named_parameters()]
+    counter = CommCounter()
+    par = parallelize(model, plan, mesh, device, compile=spec.compile, counter=counter)
+    inputs, target = families.batch(cfg, plan.global_batch_size, spec.seed)
+    inputs, target = _slice_batch(inputs, target, plan, coords, graph.seq is not None)
+    inputs = tuple(x.to(device, dtype) if x.is_floating_point() else x.to(device) for x in inputs)
+    target = None if target is None else target.to(device)
+    params = [p for m in par.modules for p in m.parameters()]
+    opt = torch.optim.SGD(params, lr=spec.lr)
+    out = {"rank": dist.get_rank(), "coords": coords}
+    if spec.grads:
+        out["loss"] = _step(par, plan, inputs, target, opt, update=False)
+        out["grads"] = _full_grads(model, named, param_names, par)
+        opt.zero_grad(set_to_none=True)
+    for _ in range(spec.warmup):
+        _step(par, plan, inputs, target, opt)
+    times = []
+    sampler = None
+    if dist.get_rank() == 0:
+        from ..profiler import make_sampler
+        sampler, out["sampler_message"] = make_sampler(spec.device)
+        sampler.start()
+    for i in range(spec.steps):
+        if sampler is not None:
+            sampler.mark_step(i)
+        _sync(device)
+        dist.barrier()
+        start = time.perf_counter()
+        if i == 0:
+            with counter:
+                _step(par, plan, inputs, target, opt)
+        else:
+            _step(par, plan, inputs, target, opt)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    if sampler is not None:
+        out["samples"] = [tuple(r) for r in sampler.stop().to_rows()]
+    t = torch.tensor(times, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a step ends when its slowest rank ends
+    out["step_times_s"] = t.tolist()
+    out["comm"] = counter.summary()
+    out["memory_peak_bytes"] = _peak_memory(par, plan, inputs, target, opt, device)
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _step(par, plan: Plan, inputs, target, opt, update: bool = True) -> float:
+    """One optimizer step: all microbatches forward and backward, then the update."""
+    opt.zero_grad(set_to_none=True)
+    if plan.tp > 1:  # vocabulary-parallel cross-entropy over the sharded logits
+        from torch.distributed.tensor.parallel import loss_parallel
+        with loss_parallel():
+            loss = _microbatches(par, plan, inputs, target)
+    else:
+        loss = _microbatches(par, plan, inputs, target)
+    if update:
+        opt.step()
+    return loss
+
+
+def _microbatches(par, plan: Plan, inputs, target) -> float:
+    """Forward and backward of every microbatch (the schedule's, with PP); the mean loss."""
+    if par.schedule is not None:
+        losses = []
+        kwargs = {"target": target, "losses": losses} if par.last_stage else {}
+        args = inputs if par.first_stage else ()
+        par.schedule.step(*args, **kwargs)
+        loss = float(torch.stack(losses).mean()) if losses else 0.0
+    else:
+        m = plan.microbatches
+        module = par.ddp or par.model
+        chunks = [torch.chunk(x, m) for x in inputs]
+        tchunks = torch.chunk(target, m) if target is not None else [None] * m
+        loss = 0.0
+        for i in range(m):
+            last = i == m - 1
+            _gradient_sync(par, last)
+            ctx = par.ddp.no_sync() if par.ddp is not None and not last else _nullcontext()
+            with ctx:
+                out = module(*[c[i] for c in chunks])
+                value = families.loss(out, tchunks[i]) / m
+                value.backward()
+            loss += float(value.detach())
+    return loss
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _gradient_sync(par, last: bool) -> None:
+    """FSDP reduces gradients once per step, on the last microbatch (as the cost model)."""
+    for m in par.modules:
+        if hasattr(m, "set_requires_gradient_sync"):
+            m.set_requires_gradient_sync(last)
+
+
+def _full_grads(model, named, param_names, par) -> dict:
+    """Full gradient of every parameter this rank trains, keyed by the original name."""
+    from torch.distributed.tensor import DTensor
+    owned = {id(p) for m in par.modules for p in m.parameters()}
+    grads = {}
+    for name in param_names:
+        path, _, leaf = name.rpartition(".")
+        p = getattr(named[path], leaf)
+        if id(p) not in owned or p.grad is None:
+            continue
+        g = p.grad
+        grads[name] = (g.full_tensor() if isinstance(g, DTensor) else g).detach().cpu().clone()
+    return grads
+
+
+def _peak_memory(par, plan, inputs, target, opt, device) -> float:
+    """Peak bytes of tensor memory during one step (CUDA allocator, or StorageTracker)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        _step(par, plan, inputs, target, opt)
+        return float(torch.cuda.max_memory_allocated(device))
+    from .memory import StorageTracker
+    tracker = StorageTracker(*par.modules, opt)
+    with tracker:
+        _step(par, plan, inputs, target, opt)
+    return float(tracker.peak)
+
+
+def summarise(rank_results: list[dict], spec: RunSpec) -> dict:
+    """Median / p10 / p90 step time and the per-kind bytes of the busiest rank."""
+    times = rank_results[0]["step_times_s"]
+    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    comm: dict[str, dict] = {}
+    for r in rank_results:  # the rank that moved the most bytes of each kind
+        for kind, v in r["comm"].items():
+            if v["bytes"] > comm.get(kind, {"bytes": -1})["bytes"]:
+                comm[kind] = v
+    return {"step_time_s": statistics.median(times), "step_time_p10_s": q[0],
+            "step_time_p90_s": q[-1], "step_times_s": times, "comm": comm,
+            "comm_per_rank": [r["comm"] for r in rank_results],
+            "memory_peak_bytes": max(r["memory_peak_bytes"] for r in rank_results),
+            "memory_per_rank_bytes": [r["memory_peak_bytes"] for r in rank_results],
+            "samples": rank_results[0].get("samples", []),
+            "sampler_message": rank_results[0].get("sampler_message", ""),
+            "spec": asdict(spec)}
