@@ -35,7 +35,8 @@ def prediction_cluster(device: str, nproc: int, device_name: str | None = None):
 
 def run(model: str, plan: str | Plan, nproc: int, *, overrides: dict | None = None,
         steps: int = 5, warmup: int = 2, device: str = "cpu", timeout_s: float = 300.0,
-        store=None, compile: bool = False, seed: int = 0) -> dict[str, Any]:
+        store=None, compile: bool = False, seed: int = 0,
+        fault: dict | None = None) -> dict[str, Any]:
     """Train `steps` steps of `plan` on `nproc` local ranks; measured beside predicted.
 
     Keys: `step_time_s` (median; `step_time_p10_s`, `step_time_p90_s`), `samples_per_s`,
@@ -43,7 +44,7 @@ def run(model: str, plan: str | Plan, nproc: int, *, overrides: dict | None = No
     `memory_peak_bytes`, `comm` (bytes and calls per collective kind, busiest rank),
     `predicted` (the cost model's `Estimate.to_json()` for the same plan), `device`, and the
     stored ids when `store` is given. A failed rank raises `RunError` (after storing the
-    failure when a store is given).
+    failure when a store is given). `fault` injects a failure (tests: see `launch`).
     """
     plan = Plan.parse(plan) if isinstance(plan, str) else plan
     overrides = dict(overrides or {})
@@ -63,7 +64,7 @@ def run(model: str, plan: str | Plan, nproc: int, *, overrides: dict | None = No
                              n_chips=nproc, payload=predicted.to_json(),
                              family=models.family_of(cfg).name, device=device_name)
     try:
-        results = launch(spec, nproc, timeout_s=timeout_s)
+        results = launch(spec, nproc, timeout_s=timeout_s, fault=fault)
     except RunError as exc:
         if store is not None:
             store.save("measurement", model=model, plan=plan.compact(), cluster=cluster.name,

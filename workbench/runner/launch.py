@@ -40,9 +40,10 @@ def _worker(rank: int, world: int, port: int, spec: RunSpec, results, timeout_s:
             fault: dict | None) -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    backend = "nccl" if spec.device == "cuda" else "gloo"
+    device = (spec[0] if isinstance(spec, list) else spec).device
+    backend = "nccl" if device == "cuda" else "gloo"
     try:
-        if spec.device == "cuda":
+        if device == "cuda":
             torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world,
@@ -52,7 +53,9 @@ def _worker(rank: int, world: int, port: int, spec: RunSpec, results, timeout_s:
                 os._exit(9)
             if fault.get("kind") == "hang":
                 time.sleep(10 * timeout_s)
-        results.put((rank, "ok", run_rank(spec)))
+        specs = spec if isinstance(spec, list) else [spec]
+        outs = [run_rank(s) for s in specs]  # several runs share one process group
+        results.put((rank, "ok", outs if isinstance(spec, list) else outs[0]))
     except BaseException as exc:  # report everything, then leave
         results.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
     finally:
@@ -65,9 +68,26 @@ def _worker(rank: int, world: int, port: int, spec: RunSpec, results, timeout_s:
             os._exit(0)  # avoids rare aborts in interpreter teardown (see the CPU notes)
 
 
-def launch(spec: RunSpec, nproc: int, timeout_s: float = 120.0,
-           fault: dict | None = None) -> list[dict]:
-    """Run `spec` on `nproc` local processes; every rank's result, by rank.
+def _raise_root_cause(procs, got, rank: int, payload: str) -> None:
+    """A rank reported an error. If another rank died without a word (killed, crashed), that
+    death is the cause and the reported error its consequence: name the dead rank."""
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        dead = [r for r, p in enumerate(procs)
+                if p.exitcode not in (None, 0) and r not in got and r != rank]
+        if dead:
+            first_line = payload.splitlines()[0] if payload else ""
+            raise RunError(dead[0], f"process exited with code {procs[dead[0]].exitcode} "
+                                    f"(killed or crashed); rank {rank} then failed: {first_line}")
+        time.sleep(0.1)
+    raise RunError(rank, payload)
+
+
+def launch(spec: RunSpec | list[RunSpec], nproc: int, timeout_s: float = 120.0,
+           fault: dict | None = None) -> list:
+    """Run `spec` on `nproc` local processes; every rank's result, by rank. A list of specs
+    runs one after the other in the same processes (start-up dominates tiny runs), and each
+    rank's result is then the list of its runs' results.
 
     `fault` injects a failure for tests: {"rank": r, "kind": "kill" | "hang"}.
     """
@@ -94,14 +114,14 @@ def launch(spec: RunSpec, nproc: int, timeout_s: float = 120.0,
                                                 f"{procs[dead[0]].exitcode} before reporting "
                                                 f"(killed or crashed)") from None
                     if status == "error":
-                        raise RunError(rank, payload)
+                        _raise_root_cause(procs, got, rank, payload)
                     got[rank] = payload
                     continue
                 if time.monotonic() > deadline:
                     raise RunError(None, f"job did not finish within {timeout_s * 3 + 60:.0f} s")
                 continue
             if status == "error":
-                raise RunError(rank, payload)
+                _raise_root_cause(procs, got, rank, payload)
             got[rank] = payload
     finally:
         for p in procs:

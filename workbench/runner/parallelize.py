@@ -43,6 +43,12 @@ class Parallel:
     """torch.distributed.pipelining schedule (None without PP)."""
     ddp: nn.Module | None = None
     """The DDP wrapper (plain data parallelism)."""
+    expert_params: list = None
+    """Expert weights (EP): FSDP leaves them alone; `sync_expert_grads` averages them."""
+    expert_replicas: dist.ProcessGroup | None = None
+    """Ranks that hold the same experts (data-parallel replicas of an EP group)."""
+    data_parallel_degree: int = 1
+    """How many data shards the loss is averaged over (dp x fsdp x cp)."""
     first_stage: bool = True
     last_stage: bool = True
 
@@ -65,10 +71,19 @@ def apply_cp(model: nn.Module, plan: Plan, mesh: DeviceMesh) -> None:
         model.position_offset = rank * model.cfg.seq // world
 
 
+_IN_ATTENTION = [0]
+"""Depth of ring-attention calls in progress: selective checkpointing recomputes every op
+they run (their sends and receives fill buffers in place, which must not be cached)."""
+
+
 def _ring_sdpa(ring, group, q, k, v, is_causal=False, dropout_p=0.0, enable_gqa=False, **_):
     if dropout_p:
         raise ValueError("context parallel ring attention has no attention dropout")
-    return ring(q, k, v, group, causal=is_causal)
+    _IN_ATTENTION[0] += 1
+    try:
+        return ring(q, k, v, group, causal=is_causal)
+    finally:
+        _IN_ATTENTION[0] -= 1
 
 
 def apply_tp(model: nn.Module, plan: Plan, mesh: DeviceMesh) -> None:
@@ -124,15 +139,56 @@ def apply_checkpointing(unit: nn.Module, mode: str) -> nn.Module:
                  torch.ops.aten._scaled_dot_product_efficient_attention.default,
                  torch.ops.aten._scaled_dot_product_flash_attention.default}
 
+    aten = torch.ops.aten
+    save = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
+            aten.convolution.default}
+
     def policy(ctx, op, *args, **kwargs):
-        return (CheckpointPolicy.PREFER_RECOMPUTE if op in recompute
-                else CheckpointPolicy.MUST_SAVE)
+        # Save the matmul outputs (the costly activations); recompute the attention kernels
+        # (and everything ring attention runs) and the cheap elementwise ops around them.
+        # Views and elementwise results are not cached: FSDP reuses parameter storage.
+        if op in recompute or _IN_ATTENTION[0] or op not in save:
+            return CheckpointPolicy.PREFER_RECOMPUTE
+        return CheckpointPolicy.MUST_SAVE
     return checkpoint_wrapper(unit, context_fn=partial(create_selective_checkpoint_contexts,
                                                        policy))
 
 
+def sync_expert_grads(par: "Parallel") -> None:
+    """Average expert gradients as FSDP averages the others: sum over the ranks holding the
+    same experts, divide by every data shard that contributed tokens (dp x fsdp x cp)."""
+    if not par.expert_params:
+        return
+    for p in par.expert_params:
+        if p.grad is None:
+            continue
+        if par.expert_replicas is not None:
+            dist.all_reduce(p.grad, group=par.expert_replicas)
+        p.grad.div_(par.data_parallel_degree)
+
+
+def _expert_setup(model: nn.Module, plan: Plan, mesh: DeviceMesh):
+    """Expert parameters and the group of ranks that hold the same experts."""
+    from ..models.moe import Experts
+    params = [p for m in model.modules() if isinstance(m, Experts) for p in m.parameters()]
+    if plan.ep == 1 or not params:
+        return [], None
+    shard = dist.get_process_group_ranks(mesh["dp_shard_cp"].get_group())
+    mine = shard.index(dist.get_rank())
+    replicas = [r for i, r in enumerate(shard) if i % plan.ep == mine % plan.ep]
+    if plan.dp_replicate > 1:
+        raise ValueError("expert parallel with dp_replicate > 1 is not supported by the runner")
+    group = None
+    for k in range(plan.ep):  # every rank creates every replica group, in order
+        ranks = [r for i, r in enumerate(shard) if i % plan.ep == k]
+        g = dist.new_group(ranks) if len(ranks) > 1 else None
+        if k == mine % plan.ep:
+            group = g
+    return params, group if len(replicas) > 1 else None
+
+
 def apply_data_parallel(modules: list[nn.Module], units: list[nn.Module], plan: Plan,
-                        mesh: DeviceMesh, counter=None):
+                        mesh: DeviceMesh, counter=None, ignored: set | None = None):
     """FSDP2 (per unit, then each root) over dp_shard x cp, HSDP when dp_replicate > 1 too;
     plain DDP when nothing else splits the model. Returns the DDP wrapper or None."""
     needs_fsdp = (plan.dp_shard > 1 or plan.cp > 1
@@ -142,9 +198,9 @@ def apply_data_parallel(modules: list[nn.Module], units: list[nn.Module], plan: 
         dp_mesh = (mesh["dp_replicate", "dp_shard_cp"] if plan.dp_replicate > 1
                    else mesh["dp_shard_cp"])
         for unit in units:
-            fully_shard(unit, mesh=dp_mesh)
+            fully_shard(unit, mesh=dp_mesh, ignored_params=ignored or None)
         for m in modules:
-            fully_shard(m, mesh=dp_mesh)
+            fully_shard(m, mesh=dp_mesh, ignored_params=ignored or None)
         return None
     if plan.dp_replicate > 1:
         if len(modules) != 1:
@@ -169,10 +225,18 @@ def parallelize(model: nn.Module, plan: Plan, mesh: DeviceMesh, device: torch.de
     apply_cp(model, plan, mesh)
     apply_tp(model, plan, mesh)
     apply_ep(model, plan, mesh)
+    if plan.recompute == "selective" and not any(hasattr(m, "attention_fn")
+                                                 for m in model.modules()):
+        import dataclasses  # selective recompute reruns attention kernels: none here
+        plan = dataclasses.replace(plan, recompute="none")
+    experts, replicas = _expert_setup(model, plan, mesh)
+    ignored = set(experts)
+    dp = plan.dp_degree * plan.cp
     if plan.pp == 1:
         units = _wrap_units(model, plan, compile)
-        ddp = apply_data_parallel([model], units, plan, mesh, counter)
-        return Parallel(model, [model], ddp=ddp)
+        ddp = apply_data_parallel([model], units, plan, mesh, counter, ignored)
+        return Parallel(model, [model], ddp=ddp, expert_params=experts,
+                        expert_replicas=replicas, data_parallel_degree=dp)
     pre, all_units, post = families.pipeline_parts(model)
     stage = mesh["pp"].get_local_rank()
     chunks = virtual_stage_units(len(all_units), plan.pp, plan.vpp)
@@ -186,14 +250,17 @@ def parallelize(model: nn.Module, plan: Plan, mesh: DeviceMesh, device: torch.de
                             *([post] if v == plan.pp * plan.vpp - 1 else []))
         stage_modules.append((seq, parts))
     for seq, parts in stage_modules:
-        apply_data_parallel([seq], parts, plan, mesh)
+        apply_data_parallel([seq], parts, plan, mesh, ignored=ignored)
     for chunk, (seq, _) in enumerate(stage_modules):
         v = chunk * plan.pp + stage
         pipeline_stages.append(PipelineStage(seq, v, plan.pp * plan.vpp, device,
                                              group=mesh["pp"].get_group()))
     schedule = _schedule(plan, pipeline_stages)
+    owned = {id(p) for s, _ in stage_modules for p in s.parameters()}
     return Parallel(model, [s for s, _ in stage_modules], schedule=schedule,
-                    first_stage=stage == 0, last_stage=stage == plan.pp - 1)
+                    first_stage=stage == 0, last_stage=stage == plan.pp - 1,
+                    expert_params=[p for p in experts if id(p) in owned],
+                    expert_replicas=replicas, data_parallel_degree=dp)
 
 
 def _schedule(plan: Plan, stages):

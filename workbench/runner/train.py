@@ -17,7 +17,7 @@ from .. import costmodel, models
 from ..plan import Plan
 from . import families
 from .comm_counter import CommCounter
-from .parallelize import build_mesh, parallelize
+from .parallelize import build_mesh, parallelize, sync_expert_grads
 
 
 @dataclass
@@ -93,8 +93,20 @@ def run_rank(spec: RunSpec) -> dict:
     opt = torch.optim.SGD(params, lr=spec.lr)
     out = {"rank": dist.get_rank(), "coords": coords}
     if spec.grads:
-        out["loss"] = _step(par, plan, inputs, target, opt, update=False)
+        loss = torch.tensor(_step(par, plan, inputs, target, opt, update=False),
+                            dtype=torch.float64)
+        if par.last_stage:  # the global loss: the mean over the data-parallel ranks
+            dist.all_reduce(loss, group=mesh["dp_cp"].get_group())
+            out["loss"] = float(loss) / (plan.dp_degree * plan.cp)
         out["grads"] = _full_grads(model, named, param_names, par)
+        if plan.ep > 1:  # expert weights are this rank's slice of the experts
+            shard = dist.get_process_group_ranks(mesh["dp_shard_cp"].get_group())
+            ep_rank = shard.index(dist.get_rank()) % plan.ep
+            per = cfg.experts // plan.ep
+            experts = {id(p) for p in par.expert_params}
+            out["grad_slices"] = {n: [ep_rank * per, (ep_rank + 1) * per]
+                                  for n in out["grads"]
+                                  if id(_param(named, n)) in experts}
         opt.zero_grad(set_to_none=True)
     for _ in range(spec.warmup):
         _step(par, plan, inputs, target, opt)
@@ -141,6 +153,7 @@ def _step(par, plan: Plan, inputs, target, opt, update: bool = True) -> float:
             loss = _microbatches(par, plan, inputs, target)
     else:
         loss = _microbatches(par, plan, inputs, target)
+    sync_expert_grads(par)
     if update:
         opt.step()
     return loss
@@ -153,7 +166,7 @@ def _microbatches(par, plan: Plan, inputs, target) -> float:
         kwargs = {"target": target, "losses": losses} if par.last_stage else {}
         args = inputs if par.first_stage else ()
         par.schedule.step(*args, **kwargs)
-        loss = float(torch.stack(losses).mean()) if losses else 0.0
+        loss = float(torch.stack(losses).detach().mean()) if losses else 0.0
     else:
         m = plan.microbatches
         module = par.ddp or par.model
@@ -187,8 +200,13 @@ def _gradient_sync(par, last: bool) -> None:
             m.set_requires_gradient_sync(last)
 
 
+def _param(named, name):
+    path, _, leaf = name.rpartition(".")
+    return getattr(named[path], leaf)
+
+
 def _full_grads(model, named, param_names, par) -> dict:
-    """Full gradient of every parameter this rank trains, keyed by the original name."""
+    """Full gradient (a numpy array) of every parameter this rank trains, by original name."""
     from torch.distributed.tensor import DTensor
     owned = {id(p) for m in par.modules for p in m.parameters()}
     grads = {}
@@ -198,7 +216,8 @@ def _full_grads(model, named, param_names, par) -> dict:
         if id(p) not in owned or p.grad is None:
             continue
         g = p.grad
-        grads[name] = (g.full_tensor() if isinstance(g, DTensor) else g).detach().cpu().clone()
+        full = (g.full_tensor() if isinstance(g, DTensor) else g).detach().cpu()
+        grads[name] = full.float().numpy().copy()  # numpy: pickled by value across processes
     return grads
 
 

@@ -1,0 +1,183 @@
+"""Runner on CPU (gloo): every plan kind trains the same as one process, and the measured
+collective bytes equal the cost model's prediction.
+
+Process start-up dominates tiny runs (~5 s for 2 ranks, ~10 s for 4), so each world size runs
+all its plans in one job (`launch` with a list of specs).
+"""
+import pytest
+import torch
+
+from workbench import costmodel, hardware, models
+from workbench.runner import families, prediction_cluster
+from workbench.runner.launch import RunError, launch
+from workbench.runner.train import RunSpec
+
+TINY = {"llama-tiny": {"layers": 4}, "llama-moe-tiny": {"layers": 2, "capacity_factor": 2.0}}
+# capacity_factor = experts / top_k: no token is ever dropped, so routing does not depend on
+# how the batch is split and data parallel runs can match one process exactly.
+
+WORLD2 = [  # (model, plan)
+    ("llama-tiny", "dp=2,gbs=4,dtype=fp32"),                              # DDP
+    ("llama-tiny", "fsdp=2,gbs=4,dtype=fp32"),                            # FSDP
+    ("llama-tiny", "tp=2,gbs=2,sp=true,dtype=fp32"),                      # TP + SP
+    ("llama-tiny", "tp=2,gbs=2,dtype=fp32,recompute=full"),               # TP + full AC
+    ("llama-tiny", "pp=2,gbs=4,schedule=gpipe,dtype=fp32"),               # PP, GPipe
+    ("llama-tiny", "pp=2,gbs=4,dtype=fp32"),                              # PP, 1F1B
+    ("llama-tiny", "pp=2,vpp=2,gbs=4,dtype=fp32"),                        # PP, interleaved
+    ("llama-tiny", "cp=2,gbs=2,dtype=fp32"),                              # CP (ring attention)
+    ("llama-moe-tiny", "fsdp=2,ep=2,gbs=4,dtype=fp32"),                   # EP
+    ("resnet-tiny", "fsdp=2,gbs=4,dtype=fp32,recompute=selective"),       # CNN FSDP
+    ("resnet-tiny", "pp=2,gbs=4,dtype=fp32"),                             # CNN PP
+]
+WORLD4 = [
+    ("llama-tiny", "dp=2,fsdp=2,gbs=8,dtype=fp32"),                       # HSDP
+    ("llama-tiny", "fsdp=2,tp=2,gbs=4,sp=true,dtype=fp32"),               # 2-D FSDP x TP
+    ("llama-tiny", "dp=2,pp=2,gbs=8,dtype=fp32"),                         # 2-D DP x PP
+    ("llama-tiny", "tp=2,pp=2,vpp=2,gbs=4,dtype=fp32"),                   # 2-D TP x PP
+    ("llama-tiny", "fsdp=2,cp=2,gbs=4,dtype=fp32,recompute=selective"),   # 2-D FSDP x CP
+]
+
+
+def reference(model: str, plan: str):
+    """Loss and gradients of one process on the global batch, same seed, one microbatch of
+    `mb` samples at a time (so batch-norm statistics see the same samples as in the plan),
+    averaged: the mean loss over the batch."""
+    from workbench.plan import Plan
+    p = Plan.parse(plan)
+    cfg = models.get(model, **TINY.get(model, {}))
+    torch.manual_seed(0)
+    m = models.build(cfg)
+    m.train()
+    inputs, target = families.batch(cfg, p.global_batch_size, 0)
+    n = p.global_batch_size // p.microbatch_size
+    total = 0.0
+    for i in range(n):
+        rows = slice(i * p.microbatch_size, (i + 1) * p.microbatch_size)
+        loss = families.loss(m(*[x[rows] for x in inputs]),
+                             None if target is None else target[rows]) / n
+        loss.backward()
+        total += float(loss)
+    return total, {name: q.grad for name, q in m.named_parameters()}
+
+
+def run_job(cases, nproc):
+    specs = [RunSpec(model, plan, overrides=TINY.get(model, {}), steps=1, warmup=0, grads=True)
+             for model, plan in cases]
+    return launch(specs, nproc, timeout_s=120)
+
+
+@pytest.fixture(scope="module")
+def world2():
+    return run_job(WORLD2, 2)
+
+
+@pytest.fixture(scope="module")
+def world4():
+    return run_job(WORLD4, 4)
+
+
+def check_equivalence(ranks, index, model, plan, atol=2e-5):
+    loss, ref = reference(model, plan)
+    seen = set()
+    for rank in ranks:
+        out = rank[index]
+        if "loss" in out:
+            assert out["loss"] == pytest.approx(loss, rel=1e-5), f"{plan}: loss"
+        for name, grad in out["grads"].items():
+            expected = ref[name]
+            if name in out.get("grad_slices", {}):  # expert parallel: this rank's experts
+                a, b = out["grad_slices"][name]
+                expected = expected[a:b]
+            torch.testing.assert_close(torch.from_numpy(grad), expected, atol=atol, rtol=1e-4,
+                                       msg=lambda m: f"{model} {plan} rank {out['rank']} {name}: {m}")
+            seen.add(name)
+    assert seen == set(ref), f"{plan}: gradients never checked: {sorted(set(ref) - seen)[:5]}"
+
+
+@pytest.mark.parametrize("index", range(len(WORLD2)), ids=[p for _, p in WORLD2])
+def test_world2_plans_match_one_process(world2, index):
+    model, plan = WORLD2[index]
+    check_equivalence(world2, index, model, plan)
+
+
+@pytest.mark.parametrize("index", range(len(WORLD4)), ids=[p for _, p in WORLD4])
+def test_world4_plans_match_one_process(world4, index):
+    model, plan = WORLD4[index]
+    check_equivalence(world4, index, model, plan)
+
+
+def predicted_bytes(model, plan, nproc):
+    cfg = models.get(model, **TINY.get(model, {}))
+    e = costmodel.estimate(costmodel.graph(cfg), plan, prediction_cluster("cpu", nproc))
+    out = {}
+    for c in e.comm:
+        out[c.kind] = out.get(c.kind, 0) + c.bytes_per_step
+    return out
+
+
+@pytest.mark.parametrize("index, kinds", [
+    (0, {"all_reduce"}),                     # DDP: one bucket of every gradient
+    (1, {"all_gather", "reduce_scatter"}),   # FSDP: per-unit gathers, one reduce-scatter
+    (2, {"all_gather", "reduce_scatter"}),   # TP + SP: all-reduce = reduce-scatter + all-gather
+])
+def test_measured_bytes_equal_predicted(world2, index, kinds):
+    model, plan = WORLD2[index]
+    predicted = predicted_bytes(model, plan, 2)
+    for rank in world2:
+        measured = {k: v["bytes"] for k, v in rank[index]["comm"].items()}
+        for kind in kinds:
+            predicted_kind = predicted.get(kind, 0)
+            if kind in ("all_gather", "reduce_scatter") and "tp=" in plan:
+                predicted_kind = predicted["all_reduce"]  # SP splits each all-reduce in two
+            assert measured.get(kind, 0) == pytest.approx(predicted_kind), (plan, kind, measured)
+
+
+def test_pipeline_messages_are_the_predicted_size(world2):
+    # 1F1B on 2 stages, 4 microbatches of 1 sample x 32 tokens x 64 hidden x 4 bytes = 8,192
+    # bytes each; each stage sends 4 messages and receives 4.
+    model, plan = WORLD2[5]
+    predicted = predicted_bytes(model, plan, 2)
+    for rank in world2:
+        comm = rank[5]["comm"]
+        assert comm["send"]["bytes"] == comm["recv_"]["bytes"] if "recv_" in comm else True
+        assert comm["send"]["bytes"] == 4 * 8192 and comm["send"]["calls"] == 4
+        assert comm["recv"]["bytes"] == 4 * 8192
+    assert predicted["send_recv"] == 2 * 4 * 8192  # per rank: 4 sends + 4 receives
+
+
+def test_predicted_memory_within_ten_percent(world2):
+    model, plan = WORLD2[1]
+    cfg = models.get(model, **TINY[model])
+    e = costmodel.estimate(costmodel.graph(cfg), plan, prediction_cluster("cpu", 2),
+                           costmodel.CostOptions(framework_bytes=0))
+    for rank in world2:
+        assert rank[1]["memory_peak_bytes"] == pytest.approx(e.memory.peak_bytes, rel=0.10)
+
+
+def test_a_killed_rank_ends_the_job_with_a_clear_error():
+    with pytest.raises(RunError, match="rank 1 failed: process exited with code 9"):
+        launch(RunSpec("llama-tiny", "dp=2,gbs=2,dtype=fp32", steps=1, warmup=0), 2,
+               timeout_s=20, fault={"rank": 1, "kind": "kill"})
+
+
+def test_a_collective_timeout_ends_the_job_with_a_clear_error():
+    with pytest.raises(RunError, match="rank 0 failed"):
+        launch(RunSpec("llama-tiny", "dp=2,gbs=2,dtype=fp32", steps=1, warmup=0), 2,
+               timeout_s=5, fault={"rank": 1, "kind": "hang"})
+
+
+def test_a_failed_run_is_stored_as_failed_and_keeps_what_was_stored(tmp_path):
+    from workbench.runner import run
+    from workbench.store import Store
+    store = Store(tmp_path / "runs.db")
+    ok = run("llama-tiny", "dp=2,gbs=4,dtype=fp32", 2, steps=2, store=store, timeout_s=30)
+    with pytest.raises(RunError, match="rank 1 failed"):
+        run("llama-tiny", "dp=2,gbs=4,dtype=fp32", 2, steps=2, store=store, timeout_s=10,
+            fault={"rank": 1, "kind": "kill"})
+    rows = store.results(kind="measurement")
+    assert [r["status"] for r in rows] == ["failed", "ok"]
+    assert "killed or crashed" in rows[0]["error"]
+    kept = store.get(ok["measurement_id"])
+    assert kept["status"] == "ok" and kept["prediction_id"] == ok["prediction_id"]
+    assert kept["payload"]["comm"]["all_reduce"]["bytes"] == ok["comm"]["all_reduce"]["bytes"]
+    assert len(store.samples(ok["measurement_id"], metric="step_time_s")) == 2
