@@ -13,6 +13,11 @@ from workbench.runner.launch import RunError, launch
 from workbench.runner.train import RunSpec
 
 TINY = {"llama-tiny": {"layers": 4}, "llama-moe-tiny": {"layers": 2, "capacity_factor": 2.0}}
+for _name in models.flavours():  # dropout draws different masks in different processes
+    if _name.endswith("-tiny") and hasattr(models.get(_name), "dropout"):
+        TINY.setdefault(_name, {})["dropout"] = 0.0
+FAMILIES = sorted(n for n in models.flavours() if n.endswith("-tiny"))
+FAMILY_PLANS = ("dp=2,gbs=4,mb=2,dtype=fp32", "fsdp=2,gbs=4,mb=2,dtype=fp32")
 # capacity_factor = experts / top_k: no token is ever dropped, so routing does not depend on
 # how the batch is split and data parallel runs can match one process exactly.
 
@@ -35,6 +40,11 @@ WORLD4 = [
     ("llama-tiny", "dp=2,pp=2,gbs=8,dtype=fp32"),                         # 2-D DP x PP
     ("llama-tiny", "tp=2,pp=2,vpp=2,gbs=4,dtype=fp32"),                   # 2-D TP x PP
     ("llama-tiny", "fsdp=2,cp=2,gbs=4,dtype=fp32,recompute=selective"),   # 2-D FSDP x CP
+]
+
+
+WORLD8 = [
+    ("llama-tiny", "fsdp=2,tp=2,pp=2,gbs=8,sp=true,dtype=fp32"),         # 3-D PP x FSDP x TP
 ]
 
 
@@ -72,6 +82,16 @@ def world2():
 
 
 @pytest.fixture(scope="module")
+def families_world2():
+    return run_job([(n, p) for n in FAMILIES for p in FAMILY_PLANS], 2)
+
+
+@pytest.fixture(scope="module")
+def world8():
+    return run_job(WORLD8, 8)
+
+
+@pytest.fixture(scope="module")
 def world4():
     return run_job(WORLD4, 4)
 
@@ -104,6 +124,18 @@ def test_world2_plans_match_one_process(world2, index):
 def test_world4_plans_match_one_process(world4, index):
     model, plan = WORLD4[index]
     check_equivalence(world4, index, model, plan)
+
+
+@pytest.mark.parametrize("index", range(len(FAMILIES) * len(FAMILY_PLANS)),
+                         ids=[f"{n}:{p.split(',')[0]}" for n in FAMILIES for p in FAMILY_PLANS])
+def test_every_family_runs_ddp_and_fsdp_like_one_process(families_world2, index):
+    model, plan = FAMILIES[index // 2], FAMILY_PLANS[index % 2]
+    check_equivalence(families_world2, index, model, plan)
+
+
+def test_world8_three_dimensional_plan_matches_one_process(world8):
+    model, plan = WORLD8[0]
+    check_equivalence(world8, 0, model, plan)
 
 
 def predicted_bytes(model, plan, nproc):
@@ -181,3 +213,21 @@ def test_a_failed_run_is_stored_as_failed_and_keeps_what_was_stored(tmp_path):
     assert kept["status"] == "ok" and kept["prediction_id"] == ok["prediction_id"]
     assert kept["payload"]["comm"]["all_reduce"]["bytes"] == ok["comm"]["all_reduce"]["bytes"]
     assert len(store.samples(ok["measurement_id"], metric="step_time_s")) == 2
+
+
+def test_torchrun_entry_point_runs_a_job(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    from workbench.runner.launch import free_port
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run(
+        [str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m",
+         "workbench.runner.entry", "--model", "llama-tiny", "--plan", "fsdp=2,gbs=4,dtype=fp32",
+         "--device", "cpu", "--steps", "2", "--store", str(tmp_path / "s.db")],
+        capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][-1])
+    assert out["comm"]["reduce_scatter"]["bytes"] == 427264  # every fp32 gradient, once
+    assert out["measurement_id"] == 1

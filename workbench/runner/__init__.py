@@ -13,7 +13,7 @@ from ..plan import Plan
 from .launch import RunError, launch
 from .train import RunSpec, summarise
 
-__all__ = ["RunError", "RunSpec", "run", "launch", "prediction_cluster"]
+__all__ = ["RunError", "RunSpec", "finish", "launch", "prediction_cluster", "run"]
 
 
 def prediction_cluster(device: str, nproc: int, device_name: str | None = None):
@@ -31,6 +31,30 @@ def prediction_cluster(device: str, nproc: int, device_name: str | None = None):
               "b200": "dgx-b200"}.get(chip.name, "dgx-h100")
     cl = hardware.cluster(preset, nproc)
     return dataclasses.replace(cl, chip=chip)
+
+
+def finish(results: list[dict], spec: RunSpec, plan: Plan, graph, cluster, predicted,
+           device_name: str) -> dict[str, Any]:
+    """Every rank's results -> the measurement: step-time statistics, rates, MFU and HFU
+    against the chip's dense peak, bytes per collective, peak memory, the prediction."""
+    out = summarise(results, spec)
+    step = out["step_time_s"]
+    nproc = len(results)
+    dtype = plan.dtype if plan.dtype in cluster.chip.dense_flops_per_s else "fp32"
+    peak = cluster.chip.peak_flops_per_s(dtype)
+    model_flops = float(graph.model_flops) * plan.global_batch_size
+    rerun = {"none": (), "selective": ("attention",), "full": None}[plan.recompute]
+    recompute = sum(l.fwd_flops for l in graph.layers if 0 <= l.unit < graph.units
+                    and (rerun is None or l.kind in rerun))
+    hardware_flops = model_flops + float(recompute) * plan.global_batch_size
+    out.update(model=spec.model, plan=plan.compact(), n_chips=nproc, device=device_name,
+               samples_per_s=plan.global_batch_size / step,
+               tokens_per_s=plan.global_batch_size * graph.seq / step if graph.seq else None,
+               model_tflops_per_chip=model_flops / step / nproc / 1e12,
+               hardware_tflops_per_chip=hardware_flops / step / nproc / 1e12,
+               mfu=model_flops / (step * nproc * peak), hfu=hardware_flops / (step * nproc * peak),
+               predicted=predicted.to_json())
+    return out
 
 
 def run(model: str, plan: str | Plan, nproc: int, *, overrides: dict | None = None,
@@ -72,22 +96,7 @@ def run(model: str, plan: str | Plan, nproc: int, *, overrides: dict | None = No
                        family=models.family_of(cfg).name, device=device_name, status="failed",
                        error=str(exc)[:4000], prediction_id=pred_id)
         raise
-    out = summarise(results, spec)
-    step = out["step_time_s"]
-    peak = cluster.chip.peak_flops_per_s(plan.dtype if plan.dtype in cluster.chip.dense_flops_per_s
-                                         else "fp32")
-    model_flops = float(graph.model_flops) * plan.global_batch_size
-    recompute = {"none": 0.0, "selective": sum(l.fwd_flops for l in graph.layers
-                                               if l.kind == "attention" and 0 <= l.unit < graph.units),
-                 "full": sum(l.fwd_flops for l in graph.layers if 0 <= l.unit < graph.units)}
-    hardware_flops = model_flops + float(recompute[plan.recompute]) * plan.global_batch_size
-    out.update(model=model, plan=plan.compact(), n_chips=nproc, device=device_name,
-               samples_per_s=plan.global_batch_size / step,
-               tokens_per_s=plan.global_batch_size * graph.seq / step if graph.seq else None,
-               model_tflops_per_chip=model_flops / step / nproc / 1e12,
-               hardware_tflops_per_chip=hardware_flops / step / nproc / 1e12,
-               mfu=model_flops / (step * nproc * peak), hfu=hardware_flops / (step * nproc * peak),
-               predicted=predicted.to_json())
+    out = finish(results, spec, plan, graph, cluster, predicted, device_name)
     if store is not None:
         samples = [(sum(out["step_times_s"][:i]), i, "step_time_s", t)
                    for i, t in enumerate(out["step_times_s"])] + list(out.pop("samples"))
