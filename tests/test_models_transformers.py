@@ -27,6 +27,12 @@ def test_published_parameter_counts(name, params):
     assert costmodel.graph(name).params == params
 
 
+def test_untied_gpt_counts_its_own_output_layer():
+    # gpt-tiny: the untied head adds vocab x hidden = 256 x 64 = 16,384 parameters.
+    tied, untied = costmodel.graph("gpt-tiny"), check_model("gpt-tiny", tied=False)
+    assert untied.params - tied.params == 256 * 64
+
+
 def test_gpt_flops_equal_megatron_formula():
     # Narayanan et al. 2021 Eq. 3 without recomputation (3 passes, not 4):
     # 72 B s l h^2 (1 + s/(6h) + V/(12 l h)) = 72 B s l h^2 + 12 B s^2 l h + 6 B s h V.

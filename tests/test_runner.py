@@ -12,7 +12,9 @@ from workbench.runner import families, prediction_cluster
 from workbench.runner.launch import RunError, launch
 from workbench.runner.train import RunSpec
 
-TINY = {"llama-tiny": {"layers": 4}, "llama-moe-tiny": {"layers": 2, "capacity_factor": 2.0}}
+TINY = {"llama-tiny": {"layers": 4}, "llama-moe-tiny": {"layers": 2, "capacity_factor": 2.0},
+        "gpt-untied": {"layers": 4, "tied": False}}
+ALIAS = {"gpt-untied": "gpt-tiny"}  # test names for flavours with overrides
 for _name in models.flavours():  # dropout draws different masks in different processes
     if _name.endswith("-tiny") and hasattr(models.get(_name), "dropout"):
         TINY.setdefault(_name, {})["dropout"] = 0.0
@@ -33,6 +35,13 @@ WORLD2 = [  # (model, plan)
     ("llama-moe-tiny", "fsdp=2,ep=2,gbs=4,dtype=fp32"),                   # EP
     ("resnet-tiny", "fsdp=2,gbs=4,dtype=fp32,recompute=selective"),       # CNN FSDP
     ("resnet-tiny", "pp=2,gbs=4,dtype=fp32"),                             # CNN PP
+    ("gpt-tiny", "tp=2,gbs=2,sp=true,dtype=fp32"),                        # GPT TP + SP
+    ("gpt-tiny", "cp=2,gbs=2,dtype=fp32"),                                # GPT CP
+    ("gpt-untied", "pp=2,vpp=2,gbs=4,dtype=fp32"),                        # GPT PP
+    ("vit-tiny", "tp=2,gbs=4,mb=2,dtype=fp32"),                           # ViT TP
+    ("vit-tiny", "pp=2,gbs=4,mb=2,schedule=gpipe,dtype=fp32"),            # ViT PP
+    ("vit-moe-tiny", "tp=2,gbs=4,mb=2,dtype=fp32"),                       # V-MoE TP
+    ("vit-moe-tiny", "fsdp=2,ep=2,gbs=4,mb=2,dtype=fp32"),                # V-MoE EP
 ]
 WORLD4 = [
     ("llama-tiny", "dp=2,fsdp=2,gbs=8,dtype=fp32"),                       # HSDP
@@ -54,7 +63,7 @@ def reference(model: str, plan: str):
     averaged: the mean loss over the batch."""
     from workbench.plan import Plan
     p = Plan.parse(plan)
-    cfg = models.get(model, **TINY.get(model, {}))
+    cfg = models.get(ALIAS.get(model, model), **TINY.get(model, {}))
     torch.manual_seed(0)
     m = models.build(cfg)
     m.train()
@@ -71,8 +80,8 @@ def reference(model: str, plan: str):
 
 
 def run_job(cases, nproc):
-    specs = [RunSpec(model, plan, overrides=TINY.get(model, {}), steps=1, warmup=0, grads=True)
-             for model, plan in cases]
+    specs = [RunSpec(ALIAS.get(model, model), plan, overrides=TINY.get(model, {}), steps=1,
+                     warmup=0, grads=True) for model, plan in cases]
     return launch(specs, nproc, timeout_s=120)
 
 

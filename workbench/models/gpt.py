@@ -35,6 +35,8 @@ class GPTConfig:
     """Training sequence length (also the number of learned positions)."""
     dropout: float = 0.0
     """Hidden and attention dropout probability (Megatron-LM's default is 0.1)."""
+    tied: bool = True
+    """Output layer shares the word embedding's weight (Megatron-LM's default)."""
 
     @property
     def ffn_width(self) -> int:
@@ -67,7 +69,8 @@ class GPT(nn.Module):
                                      dropout=cfg.dropout) for _ in range(cfg.layers))
         self.ln_f = nn.LayerNorm(cfg.hidden)
         self.lm_head = nn.Linear(cfg.hidden, cfg.vocab, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied, as Megatron-LM does by default
+        if cfg.tied:
+            self.lm_head.weight = self.wte.weight  # tied, as Megatron-LM does by default
         self.position_offset = 0  # first position of this rank's sequence shard (CP)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -104,39 +104,115 @@ class _ResNetHead(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+class _ViTEmbed(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.conv_proj, self.class_token = m.conv_proj, m.class_token
+        self.pos_embedding = m.encoder.pos_embedding
+
+    def forward(self, images):
+        x = self.conv_proj(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return x + self.pos_embedding
+
+
+class _ViTHead(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.ln, self.heads = m.encoder.ln, m.heads
+
+    def forward(self, x):
+        x = self.ln(x)[:, 0]
+        for layer in self.heads.values():
+            x = layer(x)
+        return x
+
+
 def pipeline_parts(model: nn.Module) -> tuple[nn.Module, list[nn.Module], nn.Module]:
     """(pre, units, post) of a model; raises for families without a pipeline split yet."""
     from ..models.gpt import GPT
     from ..models.llama import Llama
     from ..models.resnet import ResNet
+    from ..models.vit import VisionTransformer
+    if isinstance(model, VisionTransformer):
+        return _ViTEmbed(model), list(model.encoder.layers), _ViTHead(model)
     if isinstance(model, Llama):
         return (_Embed(model), [_LlamaUnit(b, model) for b in model.layers],
                 _Head(model.norm, model.output))
     if isinstance(model, GPT):
         if model.lm_head.weight is model.wte.weight:
-            raise ValueError("pipeline parallel GPT needs untied embeddings (the runner does not "
-                             "yet synchronise tied weights across stages)")
+            raise ValueError("pipeline parallel GPT needs untied embeddings (--set tied=false): "
+                             "the runner does not synchronise tied weights across stages")
         return _GPTEmbed(model), list(model.h), _Head(model.ln_f, model.lm_head)
     if isinstance(model, ResNet):
         blocks = [b for s in range(len(model.cfg.stages)) for b in getattr(model, f"layer{s + 1}")]
         return _ResNetStem(model), blocks, _ResNetHead(model)
     raise ValueError(f"pipeline parallelism is not implemented in the runner for "
-                     f"{type(model).__name__} (llama, gpt and resnet families have it)")
+                     f"{type(model).__name__} (llama, gpt, vit, vit-moe and resnet have it)")
+
+
+def _block_plan(prefix: str, block, seq, sp: bool) -> dict:
+    """TP (+ SP) of one `models.layers.Block`: head-grouped QKV and fc1 column-parallel, the
+    output projections row-parallel (an MoE MLP stays whole on every TP rank)."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
+                                                   RowwiseParallel, SequenceParallel)
+
+    from ..models.layers import MLP
+    plan = {f"{prefix}.attn": PrepareModuleInput(input_layouts=(seq,),
+                                                 desired_input_layouts=(Replicate(),)),
+            f"{prefix}.attn.qkv": ColwiseParallel(),
+            f"{prefix}.attn.proj": RowwiseParallel(output_layouts=seq)}
+    if isinstance(block.mlp, MLP):
+        plan.update({f"{prefix}.mlp": PrepareModuleInput(input_layouts=(seq,),
+                                                         desired_input_layouts=(Replicate(),)),
+                     f"{prefix}.mlp.fc1": ColwiseParallel(),
+                     f"{prefix}.mlp.fc2": RowwiseParallel(output_layouts=seq)})
+    else:
+        plan[f"{prefix}.mlp"] = _replicated_moe(seq)
+    if sp:
+        plan[f"{prefix}.ln_1"] = SequenceParallel()
+        plan[f"{prefix}.ln_2"] = SequenceParallel()
+    return plan
 
 
 def tp_plan(model: nn.Module, sp: bool) -> dict:
-    """Megatron-style TP (+ sequence parallel) plan of a Llama model (torchtitan's layout)."""
+    """Megatron-style TP (+ sequence parallel) plan (torchtitan's layout): Llama with
+    vocabulary-parallel embedding and head; GPT and ViT blocks with replicated embeddings and
+    heads (GPT's are tied); sequence parallelism for Llama and GPT."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
                                                    PrepareModuleOutput, RowwiseParallel,
                                                    SequenceParallel)
 
+    from ..models.gpt import GPT
     from ..models.llama import Llama
     from ..models.moe import MoE
-    if not isinstance(model, Llama):
-        raise ValueError(f"tensor parallelism is implemented in the runner for the llama family "
-                         f"(got {type(model).__name__})")
+    from ..models.vit import VisionTransformer
     seq = Shard(1) if sp else Replicate()
+    if isinstance(model, GPT):
+        plan = {}
+        for i, block in enumerate(model.h):
+            plan.update(_block_plan(f"h.{i}", block, seq, sp))
+        if sp:  # the residual stream is sequence-sharded between the embeddings and ln_f
+            plan["h.0"] = PrepareModuleInput(input_layouts=(Replicate(),),
+                                             desired_input_layouts=(Shard(1),),
+                                             use_local_output=True)
+            plan["ln_f"] = SequenceParallel()
+            plan["lm_head"] = PrepareModuleInput(input_layouts=(Shard(1),),
+                                                 desired_input_layouts=(Replicate(),),
+                                                 use_local_output=True)
+        return plan
+    if isinstance(model, VisionTransformer):
+        if sp:
+            raise ValueError("sequence parallel is implemented in the runner for llama and gpt")
+        plan = {}
+        for i, block in enumerate(model.encoder.layers):
+            plan.update(_block_plan(f"encoder.layers.{i}", block, seq, sp))
+        return plan
+    if not isinstance(model, Llama):
+        raise ValueError(f"tensor parallelism is implemented in the runner for llama, gpt, vit "
+                         f"and vit-moe (got {type(model).__name__})")
     plan = {"tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
             # vocabulary-parallel logits, consumed by a vocabulary-parallel cross-entropy
             # (`loss_parallel`): the logits are never gathered (Megatron-LM, torchtitan).

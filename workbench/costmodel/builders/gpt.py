@@ -25,7 +25,7 @@ def gpt_graph(cfg: GPTConfig, batch: int, dtype_bytes: int) -> LayerGraph:
                   dropout=cfg.dropout)
     b.add("ln_f", "norm", elements=t * h, channels=h, unit=POST_UNIT, tp="sequence", cp=True)
     b.add("lm_head", "linear", tokens=t, in_features=h, out_features=cfg.vocab, bias=False,
-          unit=POST_UNIT, tp="vocab", cp=True, tied_to="wte")
+          unit=POST_UNIT, tp="vocab", cp=True, tied_to="wte" if cfg.tied else None)
     b.add("loss", "elementwise", elements=t * cfg.vocab, flops_per_element=4, unit=POST_UNIT,
           tp="vocab", cp=True)
     return LayerGraph(model="", family="gpt", layers=b.layers, batch=batch, seq=s,
