@@ -42,6 +42,9 @@ WORLD2 = [  # (model, plan)
     ("vit-tiny", "pp=2,gbs=4,mb=2,schedule=gpipe,dtype=fp32"),            # ViT PP
     ("vit-moe-tiny", "tp=2,gbs=4,mb=2,dtype=fp32"),                       # V-MoE TP
     ("vit-moe-tiny", "fsdp=2,ep=2,gbs=4,mb=2,dtype=fp32"),                # V-MoE EP
+    ("vgg-tiny", "pp=2,gbs=4,mb=2,dtype=fp32"),                           # plain CNN PP
+    ("alexnet-tiny", "pp=2,gbs=4,mb=2,dtype=fp32"),                       # plain CNN PP
+    ("r2plus1d-tiny", "pp=2,gbs=4,mb=2,dtype=fp32"),                      # video PP
 ]
 WORLD4 = [
     ("llama-tiny", "dp=2,fsdp=2,gbs=8,dtype=fp32"),                       # HSDP

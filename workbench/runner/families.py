@@ -128,14 +128,69 @@ class _ViTHead(nn.Module):
         return x
 
 
+class _Call(nn.Module):
+    """A unit made of modules applied in order, with a flatten before the first Linear."""
+
+    def __init__(self, *mods, flatten_first: bool = False):
+        super().__init__()
+        self.mods = nn.ModuleList(mods)
+        self.flatten_first = flatten_first
+
+    def forward(self, x):
+        for m in self.mods:
+            if self.flatten_first and isinstance(m, nn.Linear) and x.dim() > 2:
+                x = torch.flatten(x, 1)
+            x = m(x)
+        return x
+
+
+def _plain_cnn_parts(model) -> tuple[nn.Module, list[nn.Module], nn.Module]:
+    """VGG / AlexNet (`features`, `avgpool`, `classifier`): a unit starts at each convolution
+    or hidden Linear (a dropout right before a Linear joins it), ReLUs and pools join the unit
+    before them, the average pool and flatten go with the first classifier unit and the last
+    Linear is the head: the units of the graph builders."""
+    units, current = [], []
+    for m in model.features:
+        if isinstance(m, nn.Conv2d) and current:
+            units.append(_Call(*current))
+            current = []
+        current.append(m)
+    units.append(_Call(*current))
+    layers, current, first = list(model.classifier), [model.avgpool], True
+    for i, m in enumerate(layers[:-1]):
+        starts = isinstance(m, nn.Linear) or (isinstance(m, nn.Dropout)
+                                               and isinstance(layers[i + 1], nn.Linear))
+        if starts and any(isinstance(c, nn.Linear) for c in current):
+            units.append(_Call(*current, flatten_first=True))
+            current = []
+        current.append(m)
+    units.append(_Call(*current, flatten_first=True))
+    return nn.Identity(), units, layers[-1]
+
+
 def pipeline_parts(model: nn.Module) -> tuple[nn.Module, list[nn.Module], nn.Module]:
     """(pre, units, post) of a model; raises for families without a pipeline split yet."""
+    from ..models.alexnet import AlexNet
     from ..models.gpt import GPT
+    from ..models.i3d import I3D
     from ..models.llama import Llama
+    from ..models.r2plus1d import R2Plus1D
     from ..models.resnet import ResNet
+    from ..models.vgg import VGG
     from ..models.vit import VisionTransformer
     if isinstance(model, VisionTransformer):
         return _ViTEmbed(model), list(model.encoder.layers), _ViTHead(model)
+    if isinstance(model, (VGG, AlexNet)):
+        return _plain_cnn_parts(model)
+    if isinstance(model, R2Plus1D):
+        blocks = [b for s in range(len(model.cfg.stages)) for b in getattr(model, f"layer{s + 1}")]
+        return model.stem, blocks, _Call(model.avgpool, model.fc, flatten_first=True)
+    if isinstance(model, I3D):
+        # The split itself composes to the model exactly (checked in one process), but under
+        # torch.distributed.pipelining the first stage's gradients differ from one process:
+        # refused until that is understood.
+        raise ValueError("pipeline parallelism for i3d is not supported yet: its first stage's "
+                         "gradients differ from a single-process run (known issue)")
     if isinstance(model, Llama):
         return (_Embed(model), [_LlamaUnit(b, model) for b in model.layers],
                 _Head(model.norm, model.output))
