@@ -171,6 +171,7 @@ def _plain_cnn_parts(model) -> tuple[nn.Module, list[nn.Module], nn.Module]:
 def pipeline_parts(model: nn.Module) -> tuple[nn.Module, list[nn.Module], nn.Module]:
     """(pre, units, post) of a model; raises for families without a pipeline split yet."""
     from ..models.alexnet import AlexNet
+    from ..models.c3d import C3D
     from ..models.gpt import GPT
     from ..models.i3d import I3D
     from ..models.llama import Llama
@@ -182,6 +183,16 @@ def pipeline_parts(model: nn.Module) -> tuple[nn.Module, list[nn.Module], nn.Mod
         return _ViTEmbed(model), list(model.encoder.layers), _ViTHead(model)
     if isinstance(model, (VGG, AlexNet)):
         return _plain_cnn_parts(model)
+    if isinstance(model, C3D):  # a unit per convolution (+ ReLU, + its stage's pool)
+        units = []
+        for names, pool in model.stages:
+            for i, name in enumerate(names):
+                last = i == len(names) - 1
+                units.append(_Call(getattr(model, name), model.relu,
+                                   *([getattr(model, pool)] if last else [])))
+        hidden, out, head = (getattr(model, n) for n in model.fc_names)
+        return nn.Identity(), units, _Call(hidden, model.relu, model.dropout, out, model.relu,
+                                           model.dropout, head, flatten_first=True)
     if isinstance(model, R2Plus1D):
         blocks = [b for s in range(len(model.cfg.stages)) for b in getattr(model, f"layer{s + 1}")]
         return model.stem, blocks, _Call(model.avgpool, model.fc, flatten_first=True)
