@@ -46,6 +46,7 @@ WORLD2 = [  # (model, plan)
     ("alexnet-tiny", "pp=2,gbs=4,mb=2,dtype=fp32"),                       # plain CNN PP
     ("r2plus1d-tiny", "pp=2,gbs=4,mb=2,dtype=fp32"),                      # video PP
     ("c3d-tiny", "pp=2,gbs=4,mb=2,dtype=fp32"),                           # video PP
+    ("yolo-tiny", "pp=2,gbs=4,mb=2,dtype=fp32"),                          # detector PP
 ]
 WORLD4 = [
     ("llama-tiny", "dp=2,fsdp=2,gbs=8,dtype=fp32"),                       # HSDP

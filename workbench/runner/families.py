@@ -2,7 +2,8 @@
 
 - `batch(cfg, n, seed)`: seeded synthetic inputs and targets of the right shapes.
 - `loss(output, target)`: cross-entropy for classifiers and language models (next-token
-  targets), mean squared error for dense outputs (detectors, segmenters).
+  targets), mean squared error towards zero for dense outputs (detectors, segmenters), whose
+  target is an empty (n, 0) tensor so that batches and pipeline schedules split it like any.
 - `pipeline_parts(model)`: (pre, units, post) modules whose composition is the model's
   forward; pipeline stages take whole units, with pre on the first and post on the last
   stage, exactly as the layer graph's units (so predictions and runs split the same way).
@@ -29,7 +30,7 @@ def batch(cfg, n: int, seed: int = 0) -> tuple[tuple, torch.Tensor]:
     elif hasattr(cfg, "num_classes") and fam not in ("detr", "unet", "fcn", "yolo"):
         target = torch.randint(0, cfg.num_classes, (n,), generator=gen)
     else:
-        target = None  # dense outputs: regress onto zero
+        target = torch.zeros(n, 0)  # dense outputs regress onto zero: an empty target per sample
     return inputs, target
 
 
@@ -39,7 +40,7 @@ def loss(output, target) -> torch.Tensor:
         return sum(loss(v, None) for v in output.values())
     if isinstance(output, (tuple, list)):
         return sum(loss(v, None) for v in output)
-    if target is None:
+    if target is None or target.numel() == 0:
         return output.float().pow(2).mean()
     if output.dim() == target.dim() + 1:  # logits (..., classes)
         return F.cross_entropy(output.flatten(0, -2).float(), target.flatten())
@@ -144,6 +145,15 @@ class _Call(nn.Module):
         return x
 
 
+class _Reshape(nn.Module):
+    def __init__(self, shape):
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, x):
+        return x.view(*self.shape)
+
+
 def _plain_cnn_parts(model) -> tuple[nn.Module, list[nn.Module], nn.Module]:
     """VGG / AlexNet (`features`, `avgpool`, `classifier`): a unit starts at each convolution
     or hidden Linear (a dropout right before a Linear joins it), ReLUs and pools join the unit
@@ -172,6 +182,7 @@ def pipeline_parts(model: nn.Module) -> tuple[nn.Module, list[nn.Module], nn.Mod
     """(pre, units, post) of a model; raises for families without a pipeline split yet."""
     from ..models.alexnet import AlexNet
     from ..models.c3d import C3D
+    from ..models.yolo import YOLOv1
     from ..models.gpt import GPT
     from ..models.i3d import I3D
     from ..models.llama import Llama
@@ -183,6 +194,11 @@ def pipeline_parts(model: nn.Module) -> tuple[nn.Module, list[nn.Module], nn.Mod
         return _ViTEmbed(model), list(model.encoder.layers), _ViTHead(model)
     if isinstance(model, (VGG, AlexNet)):
         return _plain_cnn_parts(model)
+    if isinstance(model, YOLOv1):  # a unit per conv block, then fc1 (+ act, dropout)
+        s, c = model.cfg.grid, model.cfg.cell_outputs
+        return (nn.Identity(), [*model.features, _Call(model.fc1, model.fc1_act, model.dropout,
+                                                       flatten_first=True)],
+                _Call(model.fc2, _Reshape((-1, s, s, c))))
     if isinstance(model, C3D):  # a unit per convolution (+ ReLU, + its stage's pool)
         units = []
         for names, pool in model.stages:
