@@ -13,8 +13,9 @@ from workbench.runner.launch import RunError, launch
 from workbench.runner.train import RunSpec
 
 TINY = {"llama-tiny": {"layers": 4}, "llama-moe-tiny": {"layers": 2, "capacity_factor": 2.0},
-        "gpt-untied": {"layers": 4, "tied": False}}
-ALIAS = {"gpt-untied": "gpt-tiny"}  # test names for flavours with overrides
+        "gpt-untied": {"layers": 4, "tied": False},
+        "vit-cp": {"image_size": 24}}  # 3 x 3 patches + the class token: 10 tokens, CP 2
+ALIAS = {"gpt-untied": "gpt-tiny", "vit-cp": "vit-tiny"}  # test names for flavours with overrides
 for _name in models.flavours():  # dropout draws different masks in different processes
     if _name.endswith("-tiny") and hasattr(models.get(_name), "dropout"):
         TINY.setdefault(_name, {})["dropout"] = 0.0
@@ -47,6 +48,7 @@ WORLD2 = [  # (model, plan)
     ("r2plus1d-tiny", "pp=2,gbs=4,mb=2,dtype=fp32"),                      # video PP
     ("c3d-tiny", "pp=2,gbs=4,mb=2,dtype=fp32"),                           # video PP
     ("yolo-tiny", "pp=2,gbs=4,mb=2,dtype=fp32"),                          # detector PP
+    ("vit-cp", "cp=2,gbs=4,mb=2,dtype=fp32"),                             # ViT CP
 ]
 WORLD4 = [
     ("llama-tiny", "dp=2,fsdp=2,gbs=8,dtype=fp32"),                       # HSDP

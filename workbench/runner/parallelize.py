@@ -49,14 +49,23 @@ class Parallel:
     """Ranks that hold the same experts (data-parallel replicas of an EP group)."""
     data_parallel_degree: int = 1
     """How many data shards the loss is averaged over (dp x fsdp x cp)."""
+    loss_scale: float = 1.0
+    """Factor on this rank's loss (context-parallel ViT: only the class token's rank)."""
     first_stage: bool = True
     last_stage: bool = True
 
 
-def apply_cp(model: nn.Module, plan: Plan, mesh: DeviceMesh) -> None:
-    """Context parallel: ring attention in every attention module, positions offset."""
+def apply_cp(model: nn.Module, plan: Plan, mesh: DeviceMesh) -> float:
+    """Context parallel: ring attention in every attention module, positions offset.
+
+    Token models get their sequence shard as input. A ViT embeds the whole image on every CP
+    rank and keeps its slice of the tokens from the first block on; only the rank holding the
+    class token (CP rank 0) computes the loss. Returns the factor this rank's loss is scaled
+    by so that averaging gradients over the CP ranks gives the one-process gradient (1, or
+    cp on CP rank 0 and 0 elsewhere for the ViT).
+    """
     if plan.cp == 1:
-        return
+        return 1.0
     from .ring_attention import ring_attention
     group = mesh["cp"].get_group()
     rank, world = mesh["cp"].get_local_rank(), plan.cp
@@ -69,6 +78,17 @@ def apply_cp(model: nn.Module, plan: Plan, mesh: DeviceMesh) -> None:
         model.rope_sin = model.rope_sin[rank * s:(rank + 1) * s]
     if hasattr(model, "position_offset"):
         model.position_offset = rank * model.cfg.seq // world
+    from ..models.vit import VisionTransformer
+    if isinstance(model, VisionTransformer):
+        if plan.pp > 1:
+            raise ValueError("context parallel ViT with pipeline parallel is not supported")
+        s = model.cfg.seq // world
+
+        def keep_shard(module, args):
+            return (args[0][:, rank * s:(rank + 1) * s],) + tuple(args[1:])
+        model.encoder.layers[0].register_forward_pre_hook(keep_shard)
+        return float(world) if rank == 0 else 0.0
+    return 1.0
 
 
 _IN_ATTENTION = [0]
@@ -222,7 +242,7 @@ def parallelize(model: nn.Module, plan: Plan, mesh: DeviceMesh, device: torch.de
                 compile: bool = False, counter=None) -> Parallel:
     """The whole plan, in order: CP, TP, EP on the full model; the pipeline split; then per
     unit activation checkpointing and compile; then FSDP/HSDP or DDP."""
-    apply_cp(model, plan, mesh)
+    loss_scale = apply_cp(model, plan, mesh)
     apply_tp(model, plan, mesh)
     apply_ep(model, plan, mesh)
     if plan.recompute == "selective" and not any(hasattr(m, "attention_fn")
@@ -236,7 +256,7 @@ def parallelize(model: nn.Module, plan: Plan, mesh: DeviceMesh, device: torch.de
         units = _wrap_units(model, plan, compile)
         ddp = apply_data_parallel([model], units, plan, mesh, counter, ignored)
         return Parallel(model, [model], ddp=ddp, expert_params=experts,
-                        expert_replicas=replicas, data_parallel_degree=dp)
+                        expert_replicas=replicas, data_parallel_degree=dp, loss_scale=loss_scale)
     pre, all_units, post = families.pipeline_parts(model)
     stage = mesh["pp"].get_local_rank()
     chunks = virtual_stage_units(len(all_units), plan.pp, plan.vpp)

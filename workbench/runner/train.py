@@ -53,6 +53,8 @@ def _slice_batch(inputs, target, plan: Plan, coords: dict, seq_model: bool):
     rows = slice(dp_index * local, (dp_index + 1) * local)
     inputs = tuple(x[rows] for x in inputs)
     target = None if target is None else target[rows]
+    if plan.cp > 1 and inputs[0].is_floating_point():
+        return inputs, target  # images: the model keeps its token shard (see apply_cp)
     if plan.cp > 1:
         if not seq_model:
             raise ValueError("context parallel needs a sequence model")
@@ -179,7 +181,7 @@ def _microbatches(par, plan: Plan, inputs, target) -> float:
             ctx = par.ddp.no_sync() if par.ddp is not None and not last else _nullcontext()
             with ctx:
                 out = module(*[c[i] for c in chunks])
-                value = families.loss(out, tchunks[i]) / m
+                value = families.loss(out, tchunks[i]) * par.loss_scale / m
                 value.backward()
             loss += float(value.detach())
     return loss
