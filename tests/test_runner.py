@@ -49,6 +49,8 @@ WORLD2 = [  # (model, plan)
     ("c3d-tiny", "pp=2,gbs=4,mb=2,dtype=fp32"),                           # video PP
     ("yolo-tiny", "pp=2,gbs=4,mb=2,dtype=fp32"),                          # detector PP
     ("vit-cp", "cp=2,gbs=4,mb=2,dtype=fp32"),                             # ViT CP
+    ("unet-tiny", "pp=2,gbs=4,mb=2,dtype=fp32"),                          # segmenter PP (skips)
+    ("fcn-tiny", "pp=2,gbs=4,mb=2,dtype=fp32"),                           # segmenter PP (skips)
 ]
 WORLD4 = [
     ("llama-tiny", "dp=2,fsdp=2,gbs=8,dtype=fp32"),                       # HSDP

@@ -145,6 +145,112 @@ class _Call(nn.Module):
         return x
 
 
+class StageSequential(nn.Module):
+    """A pipeline stage's parts in order. A part may return a tuple (the activation plus the
+    skip tensors later parts need); the next part receives it unpacked, as the next stage
+    does when the pipeline sends a tuple."""
+
+    def __init__(self, *parts):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, *state):
+        for part in self.parts:
+            state = part(*state) if isinstance(state, tuple) else part(state)
+        return state
+
+
+class _UNetConv(nn.Module):
+    """One 3x3 convolution + ReLU of a U-Net level, carrying the skip maps as extra tensors:
+    the first convolution of an expansive level takes the up-convolution and the
+    crop-and-concat of the last skip first; the second of a contracting level keeps its
+    output as a skip and applies the level's pool."""
+
+    def __init__(self, conv, relu, *, up=None, pool=None, keep_skip=False):
+        super().__init__()
+        self.conv, self.relu, self.up, self.pool, self.keep_skip = conv, relu, up, pool, keep_skip
+
+    def forward(self, x, *skips):
+        from ..models.unet import center_crop
+        if self.up is not None:
+            x = self.up(x)
+            skip, skips = skips[-1], skips[:-1]
+            x = torch.cat([center_crop(skip, x.shape[2], x.shape[3]), x], dim=1)
+        x = self.relu(self.conv(x))
+        if self.keep_skip:
+            skips = (*skips, x)
+        if self.pool is not None:
+            x = self.pool(x)
+        return (x, *skips) if skips else x
+
+
+def _unet_parts(model) -> tuple[nn.Module, list[nn.Module], nn.Module]:
+    """A unit per 3x3 convolution, as the graph: pools join the convolution before them,
+    up-convolutions and crop-and-concat the one after."""
+    units = []
+    for i, enc in enumerate(model.encoder):
+        bottom = i == len(model.encoder) - 1
+        units.append(_UNetConv(enc.conv1, enc.relu1))
+        units.append(_UNetConv(enc.conv2, enc.relu2, keep_skip=not bottom,
+                               pool=None if bottom else model.pools[i]))
+    for up, dec in zip(model.upconvs, model.decoder):
+        units.append(_UNetConv(dec.conv1, dec.relu1, up=up))
+        units.append(_UNetConv(dec.conv2, dec.relu2))
+    return nn.Identity(), units, model.head
+
+
+class _Carry(nn.Module):
+    """Apply modules to the activation, carry the skip tensors along; `keep` appends the
+    result to them (FCN keeps pool3 and pool4 for its head)."""
+
+    def __init__(self, *mods, keep: bool = False):
+        super().__init__()
+        self.mods, self.keep = nn.ModuleList(mods), keep
+
+    def forward(self, x, *skips):
+        for m in self.mods:
+            x = m(x)
+        if self.keep:
+            skips = (*skips, x)
+        return (x, *skips) if skips else x
+
+
+class _FCNHead(nn.Module):
+    """FCN-8s's three-stream head on (fc7 output, pool3, pool4)."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, h, pool3, pool4):
+        from ..models.fcn import CROP_OUT, CROP_POOL3, CROP_POOL4
+        m = self.m
+        up2 = m.upscore2(m.score_fr(h))
+        s4 = m.score_pool4(pool4)
+        s4 = s4[:, :, CROP_POOL4:CROP_POOL4 + up2.shape[2], CROP_POOL4:CROP_POOL4 + up2.shape[3]]
+        up4 = m.upscore_pool4(up2 + s4)
+        s3 = m.score_pool3(pool3)
+        s3 = s3[:, :, CROP_POOL3:CROP_POOL3 + up4.shape[2], CROP_POOL3:CROP_POOL3 + up4.shape[3]]
+        out = m.upscore8(up4 + s3)
+        size = m.cfg.image_size
+        return out[:, :, CROP_OUT:CROP_OUT + size, CROP_OUT:CROP_OUT + size].contiguous()
+
+
+def _fcn_parts(model) -> tuple[nn.Module, list[nn.Module], nn.Module]:
+    """A unit per backbone convolution (+ its stage's pool), then fc6 and fc7, as the graph;
+    the head after them reads the carried pool3 and pool4 maps."""
+    units = []
+    for stage, n in enumerate(model.cfg.convs, start=1):
+        for j in range(1, n + 1):
+            last = j == n
+            mods = [getattr(model, f"conv{stage}_{j}"), getattr(model, f"relu{stage}_{j}")]
+            units.append(_Carry(*mods, *([getattr(model, f"pool{stage}")] if last else []),
+                                keep=last and stage in (3, 4)))
+    units.append(_Carry(model.fc6, model.relu6, model.drop6))
+    units.append(_Carry(model.fc7, model.relu7, model.drop7))
+    return nn.Identity(), units, _FCNHead(model)
+
+
 class _Reshape(nn.Module):
     def __init__(self, shape):
         super().__init__()
@@ -182,6 +288,8 @@ def pipeline_parts(model: nn.Module) -> tuple[nn.Module, list[nn.Module], nn.Mod
     """(pre, units, post) of a model; raises for families without a pipeline split yet."""
     from ..models.alexnet import AlexNet
     from ..models.c3d import C3D
+    from ..models.fcn import FCN8s
+    from ..models.unet import UNet
     from ..models.yolo import YOLOv1
     from ..models.gpt import GPT
     from ..models.i3d import I3D
@@ -194,6 +302,10 @@ def pipeline_parts(model: nn.Module) -> tuple[nn.Module, list[nn.Module], nn.Mod
         return _ViTEmbed(model), list(model.encoder.layers), _ViTHead(model)
     if isinstance(model, (VGG, AlexNet)):
         return _plain_cnn_parts(model)
+    if isinstance(model, UNet):
+        return _unet_parts(model)
+    if isinstance(model, FCN8s):
+        return _fcn_parts(model)
     if isinstance(model, YOLOv1):  # a unit per conv block, then fc1 (+ act, dropout)
         s, c = model.cfg.grid, model.cfg.cell_outputs
         return (nn.Identity(), [*model.features, _Call(model.fc1, model.fc1_act, model.dropout,

@@ -266,8 +266,8 @@ def parallelize(model: nn.Module, plan: Plan, mesh: DeviceMesh, device: torch.de
         v = chunk * plan.pp + stage
         parts = [_maybe(apply_checkpointing(all_units[u], plan.recompute), compile)
                  for u in chunks[v]]
-        seq = nn.Sequential(*([pre] if v == 0 else []), *parts,
-                            *([post] if v == plan.pp * plan.vpp - 1 else []))
+        seq = families.StageSequential(*([pre] if v == 0 else []), *parts,
+                                       *([post] if v == plan.pp * plan.vpp - 1 else []))
         stage_modules.append((seq, parts))
     for seq, parts in stage_modules:
         apply_data_parallel([seq], parts, plan, mesh, ignored=ignored)
