@@ -51,6 +51,7 @@ WORLD2 = [  # (model, plan)
     ("vit-cp", "cp=2,gbs=4,mb=2,dtype=fp32"),                             # ViT CP
     ("unet-tiny", "pp=2,gbs=4,mb=2,dtype=fp32"),                          # segmenter PP (skips)
     ("fcn-tiny", "pp=2,gbs=4,mb=2,dtype=fp32"),                           # segmenter PP (skips)
+    ("detr-tiny", "pp=2,gbs=4,mb=2,dtype=fp32"),                          # detector PP
 ]
 WORLD4 = [
     ("llama-tiny", "dp=2,fsdp=2,gbs=8,dtype=fp32"),                       # HSDP
@@ -249,3 +250,13 @@ def test_torchrun_entry_point_runs_a_job(tmp_path):
     out = json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][-1])
     assert out["comm"]["reduce_scatter"]["bytes"] == 427264  # every fp32 gradient, once
     assert out["measurement_id"] == 1
+
+
+def test_unsupported_pipeline_splits_are_clear_errors():
+    from workbench.runner.families import pipeline_parts
+    with pytest.raises(ValueError, match="i3d is not supported yet"):
+        pipeline_parts(models.build(models.get("i3d-tiny")))
+    with pytest.raises(ValueError, match="untied embeddings"):
+        pipeline_parts(models.build(models.get("gpt-tiny")))
+    with pytest.raises(ValueError, match="not implemented in the runner for LSTMLanguageModel"):
+        pipeline_parts(models.build(models.get("lstm-tiny")))
