@@ -52,6 +52,8 @@ WORLD2 = [  # (model, plan)
     ("unet-tiny", "pp=2,gbs=4,mb=2,dtype=fp32"),                          # segmenter PP (skips)
     ("fcn-tiny", "pp=2,gbs=4,mb=2,dtype=fp32"),                           # segmenter PP (skips)
     ("detr-tiny", "pp=2,gbs=4,mb=2,dtype=fp32"),                          # detector PP
+    ("llama-tiny", "dp=2,gbs=4,zero=3,dtype=fp32"),                       # ZeRO-3 (FSDP over dp)
+    ("gpt-tiny", "tp=2,gbs=2,dtype=fp32"),                                # GPT TP, vocab-parallel
 ]
 WORLD4 = [
     ("llama-tiny", "dp=2,fsdp=2,gbs=8,dtype=fp32"),                       # HSDP
@@ -166,13 +168,16 @@ def predicted_bytes(model, plan, nproc):
     return out
 
 
-@pytest.mark.parametrize("index, kinds", [
-    (0, {"all_reduce"}),                     # DDP: one bucket of every gradient
-    (1, {"all_gather", "reduce_scatter"}),   # FSDP: per-unit gathers, one reduce-scatter
-    (2, {"all_gather", "reduce_scatter"}),   # TP + SP: all-reduce = reduce-scatter + all-gather
-])
-def test_measured_bytes_equal_predicted(world2, index, kinds):
-    model, plan = WORLD2[index]
+@pytest.mark.parametrize("case, kinds", [
+    (("llama-tiny", "dp=2,gbs=4,dtype=fp32"), {"all_reduce"}),          # DDP: one bucket
+    (("llama-tiny", "fsdp=2,gbs=4,dtype=fp32"), {"all_gather", "reduce_scatter"}),
+    (("llama-tiny", "dp=2,gbs=4,zero=3,dtype=fp32"), {"all_gather", "reduce_scatter"}),
+    (("llama-tiny", "tp=2,gbs=2,sp=true,dtype=fp32"), {"all_gather", "reduce_scatter"}),
+    (("gpt-tiny", "tp=2,gbs=2,dtype=fp32"), {"all_reduce"}),            # vocab-parallel GPT
+], ids=lambda c: c[1] if isinstance(c, tuple) else None)
+def test_measured_bytes_equal_predicted(world2, case, kinds):
+    index = WORLD2.index(case)
+    model, plan = case
     predicted = predicted_bytes(model, plan, 2)
     for rank in world2:
         measured = {k: v["bytes"] for k, v in rank[index]["comm"].items()}

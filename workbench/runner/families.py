@@ -445,6 +445,14 @@ def _block_plan(prefix: str, block, seq, sp: bool) -> dict:
     return plan
 
 
+def retie(model: nn.Module) -> None:
+    """Share GPT's (tied) head weight with the embedding again after TP replaced both: both
+    are split the same way (vocabulary rows), so one DTensor serves both."""
+    from ..models.gpt import GPT
+    if isinstance(model, GPT) and model.cfg.tied:
+        model.lm_head.weight = model.wte.weight
+
+
 def tp_plan(model: nn.Module, sp: bool) -> dict:
     """Megatron-style TP (+ sequence parallel) plan (torchtitan's layout): Llama with
     vocabulary-parallel embedding and head; GPT and ViT blocks with replicated embeddings and
@@ -460,7 +468,11 @@ def tp_plan(model: nn.Module, sp: bool) -> dict:
     from ..models.vit import VisionTransformer
     seq = Shard(1) if sp else Replicate()
     if isinstance(model, GPT):
-        plan = {}
+        # Vocabulary-parallel word embedding and head (Megatron-LM), as the cost model
+        # assumes; `retie` restores the shared weight after the split.
+        plan = {"wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+                "lm_head": ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1),
+                                           use_local_output=False)}
         for i, block in enumerate(model.h):
             plan.update(_block_plan(f"h.{i}", block, seq, sp))
         if sp:  # the residual stream is sequence-sharded between the embeddings and ln_f
@@ -468,9 +480,6 @@ def tp_plan(model: nn.Module, sp: bool) -> dict:
                                              desired_input_layouts=(Shard(1),),
                                              use_local_output=True)
             plan["ln_f"] = SequenceParallel()
-            plan["lm_head"] = PrepareModuleInput(input_layouts=(Shard(1),),
-                                                 desired_input_layouts=(Replicate(),),
-                                                 use_local_output=True)
         return plan
     if isinstance(model, VisionTransformer):
         if sp:

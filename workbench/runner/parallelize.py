@@ -112,6 +112,7 @@ def apply_tp(model: nn.Module, plan: Plan, mesh: DeviceMesh) -> None:
         return
     from torch.distributed.tensor.parallel import parallelize_module
     parallelize_module(model, mesh["tp"], families.tp_plan(model, plan.sequence_parallel))
+    families.retie(model)
 
 
 def apply_ep(model: nn.Module, plan: Plan, mesh: DeviceMesh) -> None:
@@ -211,12 +212,18 @@ def apply_data_parallel(modules: list[nn.Module], units: list[nn.Module], plan: 
                         mesh: DeviceMesh, counter=None, ignored: set | None = None):
     """FSDP2 (per unit, then each root) over dp_shard x cp, HSDP when dp_replicate > 1 too;
     plain DDP when nothing else splits the model. Returns the DDP wrapper or None."""
-    needs_fsdp = (plan.dp_shard > 1 or plan.cp > 1
+    if plan.zero in (1, 2):
+        raise ValueError(f"zero={plan.zero} over plain data parallelism is not supported by the "
+                         f"runner (use fsdp, or zero=3)")
+    needs_fsdp = (plan.dp_shard > 1 or plan.cp > 1 or plan.zero == 3
                   or (plan.dp_replicate > 1 and (plan.tp > 1 or plan.pp > 1 or plan.ep > 1)))
     if needs_fsdp:
         from torch.distributed.fsdp import fully_shard
-        dp_mesh = (mesh["dp_replicate", "dp_shard_cp"] if plan.dp_replicate > 1
-                   else mesh["dp_shard_cp"])
+        if plan.zero == 3:  # ZeRO-3 = every data-parallel rank shards (FSDP over dp x cp)
+            dp_mesh = mesh["dp_cp"]
+        else:
+            dp_mesh = (mesh["dp_replicate", "dp_shard_cp"] if plan.dp_replicate > 1
+                       else mesh["dp_shard_cp"])
         for unit in units:
             fully_shard(unit, mesh=dp_mesh, ignored_params=ignored or None)
         for m in modules:
