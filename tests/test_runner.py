@@ -7,7 +7,7 @@ all its plans in one job (`launch` with a list of specs).
 import pytest
 import torch
 
-from workbench import costmodel, hardware, models
+from workbench import costmodel, models
 from workbench.runner import families, prediction_cluster
 from workbench.runner.launch import RunError, launch
 from workbench.runner.train import RunSpec

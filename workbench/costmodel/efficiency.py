@@ -11,7 +11,7 @@ never fitted per model; `workbench calibrate` (a later issue) measures them for 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 

@@ -87,7 +87,7 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
     selective = plans.recompute == RECOMPUTE_SELECTIVE
     is_attention = (prof.kind == "attention")[:, None]
     elem = DTYPE_BYTES[plans.dtype] / 2
-    mb, cp, tp = plans.mb, plans.cp, plans.tp
+    tp = plans.tp
 
     # Per-signature seconds (S x N); stages sum them with (stage x signature) count matrices.
     compute_sig = t_f + t_b

@@ -8,7 +8,7 @@ config (`workbench.costmodel.graph(config)`) or by tracing a module on the meta 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from .ops import OpCost, cost

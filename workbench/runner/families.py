@@ -340,7 +340,7 @@ def _plain_cnn_parts(model) -> tuple[nn.Module, list[nn.Module], nn.Module]:
             current = []
         current.append(m)
     units.append(_Call(*current))
-    layers, current, first = list(model.classifier), [model.avgpool], True
+    layers, current = list(model.classifier), [model.avgpool]
     for i, m in enumerate(layers[:-1]):
         starts = isinstance(m, nn.Linear) or (isinstance(m, nn.Dropout)
                                                and isinstance(layers[i + 1], nn.Linear))
@@ -459,8 +459,7 @@ def tp_plan(model: nn.Module, sp: bool) -> dict:
     heads (GPT's are tied); sequence parallelism for Llama and GPT."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
-                                                   PrepareModuleOutput, RowwiseParallel,
-                                                   SequenceParallel)
+                                                   RowwiseParallel, SequenceParallel)
 
     from ..models.gpt import GPT
     from ..models.llama import Llama

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from ...models.resnet import ResNetConfig, block_plan
-from ..graph import POST_UNIT, PRE_UNIT, GraphBuilder, LayerGraph
+from ..graph import POST_UNIT, GraphBuilder, LayerGraph
 from . import graph_builder
 from .common import FeatureMap
 
