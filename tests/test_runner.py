@@ -258,7 +258,7 @@ def test_torchrun_entry_point_runs_a_job(tmp_path):
 
 
 def test_unsupported_pipeline_splits_are_clear_errors():
-    from workbench.runner.families import pipeline_parts
+    from workbench.runner.pipeline_parts import pipeline_parts
     with pytest.raises(ValueError, match="i3d is not supported yet"):
         pipeline_parts(models.build(models.get("i3d-tiny")))
     with pytest.raises(ValueError, match="untied embeddings"):

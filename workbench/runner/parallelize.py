@@ -14,6 +14,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from ..plan import Plan
 from ..stages import virtual_stage_units
 from . import families
+from .pipeline_parts import StageSequential, pipeline_parts
 
 MESH_NAMES = {"tp": "tp", "cp": "cp", "fsdp": "dp_shard", "dp": "dp_replicate", "pp": "pp"}
 """Plan mesh dimensions -> torch DeviceMesh dimension names (torchtitan's)."""
@@ -264,7 +265,7 @@ def parallelize(model: nn.Module, plan: Plan, mesh: DeviceMesh, device: torch.de
         ddp = apply_data_parallel([model], units, plan, mesh, counter, ignored)
         return Parallel(model, [model], ddp=ddp, expert_params=experts,
                         expert_replicas=replicas, data_parallel_degree=dp, loss_scale=loss_scale)
-    pre, all_units, post = families.pipeline_parts(model)
+    pre, all_units, post = pipeline_parts(model)
     stage = mesh["pp"].get_local_rank()
     chunks = virtual_stage_units(len(all_units), plan.pp, plan.vpp)
     stage_modules, pipeline_stages = [], []
@@ -273,7 +274,7 @@ def parallelize(model: nn.Module, plan: Plan, mesh: DeviceMesh, device: torch.de
         v = chunk * plan.pp + stage
         parts = [_maybe(apply_checkpointing(all_units[u], plan.recompute), compile)
                  for u in chunks[v]]
-        seq = families.StageSequential(*([pre] if v == 0 else []), *parts,
+        seq = StageSequential(*([pre] if v == 0 else []), *parts,
                                        *([post] if v == plan.pp * plan.vpp - 1 else []))
         stage_modules.append((seq, parts))
     for seq, parts in stage_modules:
