@@ -52,6 +52,7 @@ WORLD2 = [  # (model, plan)
     ("unet-tiny", "pp=2,gbs=4,mb=2,dtype=fp32"),                          # segmenter PP (skips)
     ("fcn-tiny", "pp=2,gbs=4,mb=2,dtype=fp32"),                           # segmenter PP (skips)
     ("detr-tiny", "pp=2,gbs=4,mb=2,dtype=fp32"),                          # detector PP
+    ("i3d-tiny", "pp=2,gbs=4,mb=2,dtype=fp32"),                           # video PP (inflated)
     ("llama-tiny", "dp=2,gbs=4,zero=3,dtype=fp32"),                       # ZeRO-3 (FSDP over dp)
     ("gpt-tiny", "tp=2,gbs=2,dtype=fp32"),                                # GPT TP, vocab-parallel
 ]
@@ -259,8 +260,6 @@ def test_torchrun_entry_point_runs_a_job(tmp_path):
 
 def test_unsupported_pipeline_splits_are_clear_errors():
     from workbench.runner.pipeline_parts import pipeline_parts
-    with pytest.raises(ValueError, match="i3d is not supported yet"):
-        pipeline_parts(models.build(models.get("i3d-tiny")))
     with pytest.raises(ValueError, match="untied embeddings"):
         pipeline_parts(models.build(models.get("gpt-tiny")))
     with pytest.raises(ValueError, match="not implemented in the runner for LSTMLanguageModel"):

@@ -283,6 +283,18 @@ def _detr_parts(model) -> tuple[nn.Module, list[nn.Module], nn.Module]:
     return _ResNetStem(bb), blocks + enc + dec, _DetrHead(model)
 
 
+class _TemporalConv(nn.Module):
+    """I3D's first convolution with its replicate padding in time."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        from ..models.i3d import temporal_conv
+        return temporal_conv(self.conv, x)
+
+
 class _Reshape(nn.Module):
     def __init__(self, shape):
         super().__init__()
@@ -361,14 +373,12 @@ def pipeline_parts(model: nn.Module) -> tuple[nn.Module, list[nn.Module], nn.Mod
     if isinstance(model, R2Plus1D):
         blocks = [b for s in range(len(model.cfg.stages)) for b in getattr(model, f"layer{s + 1}")]
         return model.stem, blocks, _Call(model.avgpool, model.fc, flatten_first=True)
-    if isinstance(model, I3D):
-        # Split as the graph (stem; blocks, pool2 closing layer1; pool + fc), the stages
-        # compose to the model exactly and a hand-run GPipe order in one process gives the
-        # same gradients; under torch.distributed.pipelining the gradients differ by ~1e-3
-        # (relative), growing towards the first stage. Refused until that is understood.
-        raise ValueError("pipeline parallelism for i3d is not supported yet: under "
-                         "torch.distributed.pipelining its gradients differ from a "
-                         "single-process run (known issue)")
+    if isinstance(model, I3D):  # pool2 closes layer1, as in the graph
+        stages = [list(getattr(model, f"layer{s + 1}")) for s in range(len(model.cfg.base.stages))]
+        stages[0][-1] = _Call(stages[0][-1], model.pool2)
+        stem = _Call(_TemporalConv(model.conv1), model.bn1, model.relu, model.maxpool)
+        return (stem, [b for s in stages for b in s],
+                _Call(model.avgpool, model.dropout, model.fc, flatten_first=True))
     if isinstance(model, Llama):
         return (_Embed(model), [_LlamaUnit(b, model) for b in model.layers],
                 _Head(model.norm, model.output))
