@@ -189,6 +189,17 @@ def test_measured_bytes_equal_predicted(world2, case, kinds):
             assert measured.get(kind, 0) == pytest.approx(predicted_kind), (plan, kind, measured)
 
 
+def test_bytes_are_also_counted_per_group(world4):
+    # FSDP x TP + SP on 4 ranks: the TP collectives run on the tp group, FSDP's on the
+    # dp_shard_cp group, and the per-group bytes add up to the per-kind totals.
+    index = WORLD4.index(("llama-tiny", "fsdp=2,tp=2,gbs=4,sp=true,dtype=fp32"))
+    for rank in world4:
+        comm = rank[index]["comm"]
+        assert set(comm["reduce_scatter"]["by_group"]) == {"tp", "dp_shard_cp"}
+        for kind, v in comm.items():
+            assert sum(v["by_group"].values()) == v["bytes"], kind
+
+
 def test_pipeline_messages_are_the_predicted_size(world2):
     # 1F1B on 2 stages, 4 microbatches of 1 sample x 32 tokens x 64 hidden x 4 bytes = 8,192
     # bytes each; each stage sends 4 messages and receives 4.

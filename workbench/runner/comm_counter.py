@@ -1,4 +1,4 @@
-"""Count the bytes of every collective a rank issues, by kind and group size.
+"""Count the bytes of every collective a rank issues, by kind and by group.
 
 A `TorchDispatchMode` sees the c10d ops (eager `torch.distributed` calls, FSDP2, pipeline
 send/recv) and the functional collectives (DTensor redistributions for TP and SP). Sizes
@@ -39,6 +39,18 @@ _FUNCTIONAL = {  # functional collective -> (kind, count the output instead of t
 }
 
 
+def _process_group(func, args):
+    """The collective's process group: the c10d op's argument, or the functional op's group
+    name resolved."""
+    for arg, value in zip(func._schema.arguments, args):
+        if arg.name == "process_group":
+            return value if hasattr(value, "size") else dist.ProcessGroup.unbox(value)
+        if arg.name == "group_name":
+            from torch.distributed.distributed_c10d import _resolve_process_group
+            return _resolve_process_group(value)
+    return None
+
+
 def _nbytes(x) -> int:
     if isinstance(x, torch.Tensor):
         return x.numel() * x.element_size()
@@ -54,7 +66,9 @@ class CommCounter(TorchDispatchMode):
         super().__init__()
         self.bytes: dict[str, int] = defaultdict(int)
         self.calls: dict[str, int] = defaultdict(int)
-        self.by_group: dict[tuple[str, int], int] = defaultdict(int)
+        self.by_group: dict[tuple[str, str], int] = defaultdict(int)
+        self.group_labels: dict[str, str] = {}
+        """Process-group name -> what the group is (a mesh dimension: tp, pp, dp_shard_cp...)."""
         self.active = False
 
     def __enter__(self):
@@ -65,14 +79,14 @@ class CommCounter(TorchDispatchMode):
         self.active = False
         return super().__exit__(*exc)
 
-    def add(self, kind: str, nbytes: int, group_size: int | None = None) -> None:
+    def add(self, kind: str, nbytes: int, group: str | None = None) -> None:
         """Record one collective (only while the counter is entered)."""
         if not self.active:
             return
         self.bytes[kind] += nbytes
         self.calls[kind] += 1
-        if group_size:
-            self.by_group[(kind, group_size)] += nbytes
+        if group:
+            self.by_group[(kind, group)] += nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -85,12 +99,19 @@ class CommCounter(TorchDispatchMode):
                 nbytes = _nbytes(args[where])
             else:
                 nbytes = _nbytes(out if where else args[0])
-            self.add(kind, nbytes)
+            pg = _process_group(func, args)
+            label = None
+            if pg is not None:
+                label = self.group_labels.get(pg.group_name, f"{pg.size()} ranks")
+            self.add(kind, nbytes, label)
         return out
 
     def summary(self) -> dict[str, dict[str, int]]:
-        """{kind: {"bytes": ..., "calls": ...}}."""
-        return {k: {"bytes": int(self.bytes[k]), "calls": int(self.calls[k])} for k in self.bytes}
+        """{kind: {"bytes": ..., "calls": ..., "by_group": {group: bytes}}}."""
+        return {k: {"bytes": int(self.bytes[k]), "calls": int(self.calls[k]),
+                    "by_group": {g: int(b) for (kind, g), b in self.by_group.items()
+                                 if kind == k}}
+                for k in self.bytes}
 
 
 def ddp_counting_hook(counter: CommCounter):

@@ -86,6 +86,9 @@ def run_rank(spec: RunSpec) -> dict:
     named = {n: m for n, m in model.named_modules()}
     param_names = [n for n, _ in model.named_parameters()]
     counter = CommCounter()
+    for name in ("tp", "cp", "pp", "dp_replicate", "dp_shard", "dp_shard_cp", "dp_cp"):
+        group = mesh[name].get_group()
+        counter.group_labels.setdefault(group.group_name, name)  # the first name of a group
     par = parallelize(model, plan, mesh, device, compile=spec.compile, counter=counter)
     inputs, target = families.batch(cfg, plan.global_batch_size, spec.seed)
     inputs, target = _slice_batch(inputs, target, plan, coords, graph.seq is not None)
