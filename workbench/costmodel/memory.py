@@ -63,7 +63,11 @@ def memory_per_stage(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
     sharded = (plans.fsdp > 1) | (plans.zero == 3)
     n_shard = np.where(plans.fsdp > 1, plans.fsdp * plans.cp, plans.dp * plans.cp)
     shard_w = np.where(sharded, n_shard, 1)
-    shard_g = np.where(sharded | (plans.zero >= 2), n_shard, 1)
+    # FSDP reduce-scatters once per step, on the last microbatch: with gradient accumulation
+    # (m > 1) the gradients stay unsharded between microbatches (FSDP2's
+    # set_requires_gradient_sync(False)), so they cost their full size.
+    m_acc = plans.microbatches
+    shard_g = np.where((sharded & (m_acc == 1)) | (~sharded & (plans.zero >= 2)), n_shard, 1)
     shard_o = np.where(sharded | (plans.zero >= 1), n_shard, 1)
     m = plans.microbatches
 

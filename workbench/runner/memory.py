@@ -2,10 +2,11 @@
 
 RSS and tracemalloc do not see tensor memory, and `MemTracker` refuses modules called more
 than once per step (microbatches, pipeline schedules). `StorageTracker` is a dispatch mode
-that sees every tensor an op creates: it adds each new storage's bytes when it appears and
-takes them off when the storage is freed (a weak-reference finaliser), starting from the
-storages alive when it is entered (weights, gradients, optimizer state). Its peak is the
-most tensor bytes alive at once.
+that sees every tensor an op creates and keeps a weak reference to its storage, starting from
+the storages alive when it is entered (weights, gradients, optimizer state; a DTensor's local
+shard). After every op it sums the current size of every live storage: storages freed are
+gone, and storages FSDP resizes in place (to zero after resharding, back to full before a
+gather) count at their current size. Its peak is the most tensor bytes alive at once.
 """
 from __future__ import annotations
 
@@ -21,46 +22,52 @@ class StorageTracker(TorchDispatchMode):
 
     def __init__(self, *roots):
         super().__init__()
-        self.live: dict[int, int] = {}
+        self._live: dict[int, weakref.ref] = {}
         self.current = 0
         self.peak = 0
-        self._refs = {}
         for t in _tensors(roots):
             self._track(t)
+        self._measure()
 
-    def _track(self, t: torch.Tensor) -> None:
+    def _track(self, t) -> None:
         if not isinstance(t, torch.Tensor) or t.device.type == "meta":
             return
+        local = getattr(t, "_local_tensor", None)  # a DTensor: its local shard holds memory
+        if local is not None:
+            return self._track(local)
         try:
             st = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # DTensor wrappers: track the local shard
-            local = getattr(t, "_local_tensor", None)
-            if local is not None:
-                self._track(local)
+            key = st.data_ptr() or id(st)
+        except (RuntimeError, NotImplementedError):  # storage-less subclasses, freed storages
             return
-        try:
-            key, nbytes = st.data_ptr() or id(st), st.nbytes()
-        except RuntimeError:  # a storage FSDP has freed (resized to zero)
-            return
-        if key in self.live or nbytes == 0:
-            return
-        self.live[key] = nbytes
-        self.current += nbytes
-        self.peak = max(self.peak, self.current)
-        try:
-            self._refs[key] = weakref.finalize(st, self._free, key)
-        except TypeError:
-            pass
+        if key not in self._live:
+            try:
+                self._live[key] = weakref.ref(st)
+            except TypeError:
+                pass
 
-    def _free(self, key: int) -> None:
-        self.current -= self.live.pop(key, 0)
-        self._refs.pop(key, None)
+    def _measure(self) -> None:
+        total, dead = 0, []
+        for key, ref in self._live.items():
+            st = ref()
+            if st is None:
+                dead.append(key)
+                continue
+            try:
+                total += st.nbytes()
+            except RuntimeError:
+                dead.append(key)
+        for key in dead:
+            del self._live[key]
+        self.current = total
+        self.peak = max(self.peak, total)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self._track(t)
+        self._measure()
         return out
 
 

@@ -238,7 +238,8 @@ def apply_data_parallel(modules: list[nn.Module], units: list[nn.Module], plan: 
         with warnings.catch_warnings():  # the replacement keeps syncing buffers at init
             warnings.simplefilter("ignore", FutureWarning)
             ddp = DDP(modules[0], process_group=mesh["dp_cp"].get_group(),
-                      broadcast_buffers=False)  # buffers are constants (rotary tables)
+                      broadcast_buffers=False,        # buffers are constants (rotary tables)
+                      gradient_as_bucket_view=True)   # no second copy of the gradients
         if counter is not None:
             from .comm_counter import ddp_counting_hook
             ddp.register_comm_hook(mesh["dp_cp"].get_group(), ddp_counting_hook(counter))
