@@ -62,6 +62,8 @@ WORLD4 = [
     ("llama-tiny", "dp=2,pp=2,gbs=8,dtype=fp32"),                         # 2-D DP x PP
     ("llama-tiny", "tp=2,pp=2,vpp=2,gbs=4,dtype=fp32"),                   # 2-D TP x PP
     ("llama-tiny", "fsdp=2,cp=2,gbs=4,dtype=fp32,recompute=selective"),   # 2-D FSDP x CP
+    ("llama-moe-tiny", "dp=2,fsdp=2,ep=2,gbs=8,dtype=fp32"),              # HSDP x EP
+    ("llama-moe-tiny", "fsdp=2,tp=2,ep=2,gbs=4,dtype=fp32"),              # EP x TP
 ]
 
 

@@ -190,23 +190,25 @@ def sync_expert_grads(par: "Parallel") -> None:
 
 
 def _expert_setup(model: nn.Module, plan: Plan, mesh: DeviceMesh):
-    """Expert parameters and the group of ranks that hold the same experts."""
+    """Expert parameters and the group of ranks that hold the same experts: the ranks of this
+    rank's data-parallel group (dp x fsdp x cp) at the same position in their EP group."""
     from ..models.moe import Experts
     params = [p for m in model.modules() if isinstance(m, Experts) for p in m.parameters()]
     if plan.ep == 1 or not params:
         return [], None
     shard = dist.get_process_group_ranks(mesh["dp_shard_cp"].get_group())
-    mine = shard.index(dist.get_rank())
-    replicas = [r for i, r in enumerate(shard) if i % plan.ep == mine % plan.ep]
-    if plan.dp_replicate > 1:
-        raise ValueError("expert parallel with dp_replicate > 1 is not supported by the runner")
-    group = None
-    for k in range(plan.ep):  # every rank creates every replica group, in order
-        ranks = [r for i, r in enumerate(shard) if i % plan.ep == k]
+    data = tuple(dist.get_process_group_ranks(mesh["dp_cp"].get_group()))
+    me = (dist.get_rank(), data, shard.index(dist.get_rank()) % plan.ep)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, me)  # new_group is collective: all ranks, same order
+    groups = sorted({(d, k) for _, d, k in everyone})
+    mine = None
+    for d, k in groups:
+        ranks = sorted(r for r, dd, kk in everyone if dd == d and kk == k)
         g = dist.new_group(ranks) if len(ranks) > 1 else None
-        if k == mine % plan.ep:
-            group = g
-    return params, group if len(replicas) > 1 else None
+        if (d, k) == (data, me[2]):
+            mine = g
+    return params, mine
 
 
 def apply_data_parallel(modules: list[nn.Module], units: list[nn.Module], plan: Plan,
