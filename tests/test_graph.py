@@ -159,3 +159,14 @@ def test_cli_hardware_and_plan(capsys):
     assert "    0      7         0..6" in text and "   15      7     119..125" in text
     assert main(["plan", "tp=3", "--model", "llama3-8b", "--chips", "3"]) == 2
     assert "rule: TP divides attention heads" in capsys.readouterr().err
+
+
+def test_recompute_flops():
+    # llama-tiny, batch 1: attention forward per layer = QK^T + AV = 2 x (2 x 4 heads x 32 x 16
+    # x 32) = 262,144 FLOPs, 2 layers -> selective reruns 524,288; full reruns every unit op.
+    g = costmodel.graph("llama-tiny")
+    assert g.recompute_flops("selective") == 2 * 262_144
+    assert g.recompute_flops("full") == sum(l.fwd_flops for l in g.layers if 0 <= l.unit < 2)
+    assert g.recompute_flops("none") == 0
+    with pytest.raises(ValueError, match="recompute='some'"):
+        g.recompute_flops("some")

@@ -252,11 +252,9 @@ def optimizer_s(params_per_rank, cluster: Cluster, opt: CostOptions):
 def _rates(out, prof, plans, cluster):
     """Throughput, model and hardware FLOPs, MFU and HFU."""
     g = prof.graph
-    unit_fwd = float(sum(l.fwd_flops for l in g.layers if 0 <= l.unit < g.units))
-    attn_fwd = float(sum(l.fwd_flops for l in g.layers
-                         if l.kind == "attention" and 0 <= l.unit < g.units))
-    recompute = np.where(plans.recompute == RECOMPUTE_FULL, unit_fwd,
-                         np.where(plans.recompute == RECOMPUTE_SELECTIVE, attn_fwd, 0))
+    recompute = np.where(plans.recompute == RECOMPUTE_FULL, float(g.recompute_flops("full")),
+                         np.where(plans.recompute == RECOMPUTE_SELECTIVE,
+                                  float(g.recompute_flops("selective")), 0.0))
     step = out["step_time_s"]
     n = plans.n_chips
     peak = cluster.chip.peak_flops_per_s(plans.dtype)

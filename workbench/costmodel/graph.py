@@ -153,6 +153,14 @@ class LayerGraph:
         """Model FLOPs of one step (forward + backward, no recomputation): MFU's numerator."""
         return self.fwd_flops + self.bwd_flops
 
+    def recompute_flops(self, recompute: str) -> int:
+        """Forward FLOPs activation recomputation reruns: `full` every unit's forward,
+        `selective` the units' attention kernels, `none` nothing (pre/post layers never)."""
+        if recompute not in ("none", "selective", "full"):
+            raise ValueError(f"recompute={recompute!r} is not one of none, selective, full")
+        return sum(l.fwd_flops for l in self.layers if 0 <= l.unit < self.units and (
+            recompute == "full" or (recompute == "selective" and l.kind == "attention")))
+
     @property
     def saved_bytes(self) -> int:
         """Activation bytes saved for backward, whole model, no recomputation."""

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import inputs
 from .registry import register_family, register_flavour
-from .vgg import image_inputs
 
 # (kernel, stride, padding, max pool after) of the five convolutions (torchvision alexnet.py).
 CONV_SPECS: tuple[tuple[int, int, int, bool], ...] = (
@@ -96,8 +96,8 @@ class AlexNet(nn.Module):
 
 
 register_family("alexnet", AlexNetConfig, AlexNet,
-                lambda cfg, batch, device: image_inputs(cfg.in_channels, cfg.image_size,
-                                                        cfg.image_size, batch, device),
+                lambda cfg, batch, device: inputs.images(batch, cfg.image_size, device,
+                                                         cfg.in_channels),
                 "AlexNet CNN classifier (torchvision one-tower layout)")
 
 register_flavour("alexnet", "alexnet", AlexNetConfig(),

@@ -10,8 +10,8 @@ leaves 512x1x4x4 = 8192 features), then fc6 4096, fc7 4096 (ReLU, dropout 0.5) a
 load unchanged. The forward returns logits (the port ends in a softmax).
 
 Pipeline units are the 8 convolutional layers (each with its ReLU and, when it closes a stage,
-its pool); the classifier (fc6..fc8) is after the last unit. `clip_inputs` is the input of
-every video model here: clips (B, 3, T, H, W).
+its pool); the classifier (fc6..fc8) is after the last unit. Its input, as every video
+model's here, is clips (B, 3, T, H, W) (`inputs.clips`).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from math import prod
 import torch
 from torch import nn
 
+from . import inputs
 from .registry import register_family, register_flavour
 
 
@@ -132,16 +133,9 @@ class C3D(nn.Module):
         return getattr(self, head)(x)
 
 
-def clip_inputs(batch: int, frames: int, image_size: int, device,
-                channels: int = 3) -> tuple[torch.Tensor]:
-    """Seeded random clips (batch, channels, frames, H, W): the input of every video model."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, channels, frames, image_size, image_size, generator=gen)
-    return (x.to(device),)
-
 
 register_family("c3d", C3DConfig, C3D,
-                lambda cfg, batch, device: clip_inputs(batch, cfg.frames, cfg.image_size, device),
+                lambda cfg, batch, device: inputs.clips(batch, cfg.frames, cfg.image_size, device),
                 "C3D plain 3D CNN video classifier (8 conv3d 3x3x3, 3 fully connected)")
 
 register_flavour("c3d", "c3d", C3DConfig(),

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import inputs
 from .registry import register_family, register_flavour
-from .resnet import ResNet, ResNetConfig, image_inputs
+from .resnet import ResNet, ResNetConfig
 
 
 @dataclass(frozen=True)
@@ -83,10 +84,9 @@ class Captioner(nn.Module):
 
 def captioner_inputs(cfg: CaptionerConfig, batch: int, device) -> tuple[torch.Tensor, ...]:
     """Seeded images (B, 3, S, S) and caption token ids (B, caption_len) in [0, vocab)."""
-    (images,) = image_inputs(batch, cfg.encoder.image_size, device)
-    gen = torch.Generator().manual_seed(0)
-    captions = torch.randint(0, cfg.vocab, (batch, cfg.caption_len), generator=gen)
-    return images, captions.to(device)
+    (images,) = inputs.images(batch, cfg.encoder.image_size, device)
+    (captions,) = inputs.tokens(cfg.vocab, cfg.caption_len, batch, device)
+    return images, captions
 
 
 register_family("captioner", CaptionerConfig, Captioner, captioner_inputs,

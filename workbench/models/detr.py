@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import inputs
 from .registry import register_family, register_flavour
-from .resnet import ResNet, ResNetConfig, image_inputs
+from .resnet import ResNet, ResNetConfig
 
 
 @dataclass(frozen=True)
@@ -293,7 +294,7 @@ class DETR(nn.Module):
 
 
 register_family("detr", DetrConfig, DETR,
-                lambda cfg, batch, device: image_inputs(batch, cfg.image_size, device),
+                lambda cfg, batch, device: inputs.images(batch, cfg.image_size, device),
                 "DETR set-prediction detector (facebookresearch/detr layout)")
 
 register_flavour("detr-r50", "detr", DetrConfig(),

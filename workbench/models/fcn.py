@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import inputs
 from .registry import register_family, register_flavour
-from .vgg import image_inputs
 
 FIRST_PADDING = 100
 """Padding of conv1_1, so that any input leaves fc6 (a 7x7 convolution) an input."""
@@ -141,8 +141,8 @@ class FCN8s(nn.Module):
 
 
 register_family("fcn", FCNConfig, FCN8s,
-                lambda cfg, batch, device: image_inputs(cfg.in_channels, cfg.image_size,
-                                                        cfg.image_size, batch, device),
+                lambda cfg, batch, device: inputs.images(batch, cfg.image_size, device,
+                                                         cfg.in_channels),
                 "FCN-8s semantic segmenter, VGG-16 backbone, transposed-conv upsampling")
 
 register_flavour("fcn8s", "fcn", FCNConfig(),

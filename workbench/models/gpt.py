@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .layers import Block
-from .llama import token_inputs
+from . import inputs
 from .registry import register_family, register_flavour
 
 
@@ -82,7 +82,7 @@ class GPT(nn.Module):
 
 
 register_family("gpt", GPTConfig, GPT,
-                lambda cfg, batch, device: token_inputs(cfg.vocab, cfg.seq, batch, device),
+                lambda cfg, batch, device: inputs.tokens(cfg.vocab, cfg.seq, batch, device),
                 "Megatron-style GPT decoder with free dimensions")
 
 _MEGATRON = "Narayanan et al. 2021 (arXiv 2104.04473) Table 1"

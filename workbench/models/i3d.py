@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .c3d import clip_inputs
+from . import inputs
 from .registry import register_family, register_flavour
 from .resnet import ResNet, ResNetConfig, block_plan
 
@@ -253,7 +253,7 @@ def inflate(resnet2d: ResNet, **fields) -> I3D:
 
 
 register_family("i3d", I3DConfig, I3D,
-                lambda cfg, batch, device: clip_inputs(batch, cfg.frames, cfg.image_size, device),
+                lambda cfg, batch, device: inputs.clips(batch, cfg.frames, cfg.image_size, device),
                 "I3D: a 2D ResNet inflated to 3D (Carreira & Zisserman 2017; Wang et al. 2018)")
 
 register_flavour("i3d-r50", "i3d", I3DConfig(),

@@ -14,6 +14,7 @@ from torch import nn
 
 from .layers import apply_rope, rope_tables
 from .moe import MoE
+from . import inputs
 from .registry import register_family, register_flavour
 
 
@@ -145,14 +146,9 @@ class Llama(nn.Module):
         return self.output(self.norm(h))
 
 
-def token_inputs(vocab: int, seq: int, batch: int, device) -> tuple[torch.Tensor]:
-    """Seeded random token ids (batch, seq), the input of every language model here."""
-    gen = torch.Generator().manual_seed(0)
-    return (torch.randint(0, vocab, (batch, seq), generator=gen).to(device),)
-
 
 register_family("llama", LlamaConfig, Llama,
-                lambda cfg, batch, device: token_inputs(cfg.vocab, cfg.seq, batch, device),
+                lambda cfg, batch, device: inputs.tokens(cfg.vocab, cfg.seq, batch, device),
                 "Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA), dense or MoE")
 
 _LLAMA3 = "Llama 3 herd paper (Dubey et al. 2024, arXiv 2407.21783) Table 3; Meta llama3 model.py"

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .llama import token_inputs
+from . import inputs
 from .registry import register_family, register_flavour
 
 
@@ -87,7 +87,7 @@ class LSTMLanguageModel(nn.Module):
 
 
 register_family("lstm", LSTMConfig, LSTMLanguageModel,
-                lambda cfg, batch, device: token_inputs(cfg.vocab, cfg.seq, batch, device),
+                lambda cfg, batch, device: inputs.tokens(cfg.vocab, cfg.seq, batch, device),
                 "LSTM language model (Zaremba et al. 2014), optionally with tied embeddings")
 
 _ZAREMBA = ("Zaremba, Sutskever, Vinyals 2014 (arXiv 1409.2329) Sec. 4.1, Penn Treebank {} "

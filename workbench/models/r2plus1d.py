@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .c3d import clip_inputs
+from . import inputs
 from .registry import register_family, register_flavour
 from .resnet import ResNetConfig, block_plan
 
@@ -138,7 +138,7 @@ class R2Plus1D(nn.Module):
 
 
 register_family("r2plus1d", R2Plus1DConfig, R2Plus1D,
-                lambda cfg, batch, device: clip_inputs(batch, cfg.frames, cfg.image_size, device),
+                lambda cfg, batch, device: inputs.clips(batch, cfg.frames, cfg.image_size, device),
                 "R(2+1)D video ResNet with factored spatial/temporal convolutions (torchvision)")
 
 register_flavour("r2plus1d-18", "r2plus1d", R2Plus1DConfig(),

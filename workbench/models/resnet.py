@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import inputs
 from .registry import register_family, register_flavour
 
 
@@ -146,16 +147,9 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
-def image_inputs(batch: int, image_size: int | tuple[int, int], device,
-                 channels: int = 3) -> tuple[torch.Tensor]:
-    """Seeded random images (batch, channels, H, W): the input of every image model here."""
-    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-    gen = torch.Generator().manual_seed(0)
-    return (torch.randn(batch, channels, h, w, generator=gen).to(device),)
-
 
 register_family("resnet", ResNetConfig, ResNet,
-                lambda cfg, batch, device: image_inputs(batch, cfg.image_size, device),
+                lambda cfg, batch, device: inputs.images(batch, cfg.image_size, device),
                 "ResNet image classifier (torchvision layout)")
 
 _TV = "He et al. 2016 (arXiv 1512.03385) Table 1; torchvision.models.resnet (v1.5)"

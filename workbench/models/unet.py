@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import inputs
 from .registry import register_family, register_flavour
-from .vgg import image_inputs
 
 
 @dataclass(frozen=True)
@@ -123,8 +123,8 @@ class UNet(nn.Module):
 
 
 register_family("unet", UNetConfig, UNet,
-                lambda cfg, batch, device: image_inputs(cfg.in_channels, cfg.image_size,
-                                                        cfg.image_size, batch, device),
+                lambda cfg, batch, device: inputs.images(batch, cfg.image_size, device,
+                                                         cfg.in_channels),
                 "U-Net segmenter (unpadded convs, crop-and-concat, up-convolutions)")
 
 register_flavour("unet", "unet", UNetConfig(),

@@ -12,13 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import inputs
 from .registry import register_family, register_flavour
 
-
-def image_inputs(channels: int, height: int, width: int, batch: int, device) -> tuple[torch.Tensor]:
-    """Seeded random images (batch, channels, height, width), the input of the image models."""
-    gen = torch.Generator().manual_seed(0)
-    return (torch.randn(batch, channels, height, width, generator=gen).to(device),)
 
 
 @dataclass(frozen=True)
@@ -88,8 +84,8 @@ class VGG(nn.Module):
 
 
 register_family("vgg", VGGConfig, VGG,
-                lambda cfg, batch, device: image_inputs(cfg.in_channels, cfg.image_size,
-                                                        cfg.image_size, batch, device),
+                lambda cfg, batch, device: inputs.images(batch, cfg.image_size, device,
+                                                         cfg.in_channels),
                 "VGG plain CNN classifier (torchvision layout, no batch norm)")
 
 register_flavour("vgg16", "vgg", VGGConfig(),

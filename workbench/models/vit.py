@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .layers import Block
+from . import inputs
 from .registry import register_family, register_flavour
 
 
@@ -150,14 +151,9 @@ class VisionTransformer(nn.Module):
         return x
 
 
-def image_inputs(image_size: int, batch: int, device) -> tuple[torch.Tensor]:
-    """Seeded random images (batch, 3, image_size, image_size)."""
-    gen = torch.Generator().manual_seed(0)
-    return (torch.randn(batch, 3, image_size, image_size, generator=gen).to(device),)
-
 
 register_family("vit", ViTConfig, VisionTransformer,
-                lambda cfg, batch, device: image_inputs(cfg.image_size, batch, device),
+                lambda cfg, batch, device: inputs.images(batch, cfg.image_size, device),
                 "Vision Transformer (torchvision layout): patch conv, class token, pre-norm blocks")
 
 _TV = ("Dosovitskiy et al. 2021 (arXiv 2010.11929) Table 1; torchvision "

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from .moe import MoE
+from . import inputs
 from .registry import register_family, register_flavour
-from .vit import ViTConfig, VisionTransformer, image_inputs
+from .vit import ViTConfig, VisionTransformer
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class VisionMoE(VisionTransformer):
 
 
 register_family("vit-moe", ViTMoEConfig, VisionMoE,
-                lambda cfg, batch, device: image_inputs(cfg.image_size, batch, device),
+                lambda cfg, batch, device: inputs.images(batch, cfg.image_size, device),
                 "V-MoE: Vision Transformer with top-k sparse MoE MLPs in every other block")
 
 register_flavour("vit-moe-b16", "vit-moe", ViTMoEConfig(),

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import inputs
 from .registry import register_family, register_flavour
-from .vgg import image_inputs
 
 _G4 = ((1, 256, 1, False), (3, 512, 1, False)) * 4
 _G5 = ((1, 512, 1, False), (3, 1024, 1, False)) * 2
@@ -133,8 +133,8 @@ class YOLOv1(nn.Module):
 
 
 register_family("yolo", YOLOConfig, YOLOv1,
-                lambda cfg, batch, device: image_inputs(cfg.in_channels, cfg.image_size,
-                                                        cfg.image_size, batch, device),
+                lambda cfg, batch, device: inputs.images(batch, cfg.image_size, device,
+                                                         cfg.in_channels),
                 "YOLO v1 single-stage detector (24 convs + 2 FC, 7x7x30 output)")
 
 register_flavour("yolov1", "yolo", YOLOConfig(),

@@ -43,10 +43,8 @@ def finish(results: list[dict], spec: RunSpec, plan: Plan, graph, cluster, predi
     dtype = plan.dtype if plan.dtype in cluster.chip.dense_flops_per_s else "fp32"
     peak = cluster.chip.peak_flops_per_s(dtype)
     model_flops = float(graph.model_flops) * plan.global_batch_size
-    rerun = {"none": (), "selective": ("attention",), "full": None}[plan.recompute]
-    recompute = sum(l.fwd_flops for l in graph.layers if 0 <= l.unit < graph.units
-                    and (rerun is None or l.kind in rerun))
-    hardware_flops = model_flops + float(recompute) * plan.global_batch_size
+    hardware_flops = (model_flops
+                      + float(graph.recompute_flops(plan.recompute)) * plan.global_batch_size)
     out.update(model=spec.model, plan=plan.compact(), n_chips=nproc, device=device_name,
                samples_per_s=plan.global_batch_size / step,
                tokens_per_s=plan.global_batch_size * graph.seq / step if graph.seq else None,
