@@ -241,7 +241,7 @@ def cmd_run(args) -> int:
     from .store import Store
     store = None if args.no_store else Store(args.store)
     out = run(args.model, args.plan, args.nproc, overrides=parse_set(args.set), steps=args.steps,
-              device=args.device, store=store, timeout_s=args.timeout)
+              device=args.device, store=store, timeout_s=args.timeout, cp_impl=args.cp_impl)
     if args.json:
         print(json.dumps({k: v for k, v in out.items() if k != "comm_per_rank"}, indent=1,
                          default=str))
@@ -362,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     r.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
     r.add_argument("--timeout", type=float, default=300.0, help="collective timeout, seconds")
+    r.add_argument("--cp-impl", choices=("ring", "torch"), default="ring",
+                   help="context-parallel attention: ours (ring) or PyTorch's (CUDA only)")
     r.add_argument("--store", help="SQLite store (default $WORKBENCH_STORE or ~/.local/share)")
     r.add_argument("--no-store", action="store_true", help="do not store the run")
     r.add_argument("--json", action="store_true", help="print JSON")

@@ -58,7 +58,7 @@ def finish(results: list[dict], spec: RunSpec, plan: Plan, graph, cluster, predi
 def run(model: str, plan: str | Plan, nproc: int, *, overrides: dict | None = None,
         steps: int = 5, warmup: int = 2, device: str = "cpu", timeout_s: float = 300.0,
         store=None, compile: bool = False, seed: int = 0,
-        fault: dict | None = None) -> dict[str, Any]:
+        fault: dict | None = None, cp_impl: str = "ring") -> dict[str, Any]:
     """Train `steps` steps of `plan` on `nproc` local ranks; measured beside predicted.
 
     Keys: `step_time_s` (median; `step_time_p10_s`, `step_time_p90_s`), `samples_per_s`,
@@ -67,6 +67,7 @@ def run(model: str, plan: str | Plan, nproc: int, *, overrides: dict | None = No
     `predicted` (the cost model's `Estimate.to_json()` for the same plan), `device`, and the
     stored ids when `store` is given. A failed rank raises `RunError` (after storing the
     failure when a store is given). `fault` injects a failure (tests: see `launch`).
+    `cp_impl` picks the context-parallel attention: `ring` (ours) or `torch` (CUDA only).
     """
     plan = Plan.parse(plan) if isinstance(plan, str) else plan
     overrides = dict(overrides or {})
@@ -79,7 +80,8 @@ def run(model: str, plan: str | Plan, nproc: int, *, overrides: dict | None = No
     cluster = prediction_cluster(device, nproc, device_name)
     predicted = costmodel.estimate(graph, plan, cluster)
     spec = RunSpec(model=model, plan=plan.compact(), overrides=overrides, steps=steps,
-                   warmup=warmup, device=device, seed=seed, compile=compile)
+                   warmup=warmup, device=device, seed=seed, compile=compile,
+                   cp_impl=cp_impl)
     pred_id = None
     if store is not None:
         pred_id = store.save("prediction", model=model, plan=plan.compact(), cluster=cluster.name,

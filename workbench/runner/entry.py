@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=600.0, help="collective timeout, seconds")
     p.add_argument("--store")
     p.add_argument("--no-store", action="store_true")
+    p.add_argument("--cp-impl", choices=("ring", "torch"), default="ring")
     args = p.parse_args(argv)
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo",
                             timeout=datetime.timedelta(seconds=args.timeout))
     spec = RunSpec(args.model, args.plan, overrides=parse_set(args.set), steps=args.steps,
-                   device=args.device)
+                   device=args.device, cp_impl=args.cp_impl)
     result = run_rank(spec)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, result)

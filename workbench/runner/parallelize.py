@@ -54,9 +54,12 @@ class Parallel:
     """Factor on this rank's loss (context-parallel ViT: only the class token's rank)."""
     first_stage: bool = True
     last_stage: bool = True
+    torch_cp: object | None = None
+    """With `cp_impl="torch"`: a zero-argument factory of PyTorch's `context_parallel`
+    context, entered around each step (it patches SDPA with its ring attention)."""
 
 
-def apply_cp(model: nn.Module, plan: Plan, mesh: DeviceMesh) -> float:
+def apply_cp(model: nn.Module, plan: Plan, mesh: DeviceMesh, impl: str = "ring") -> float:
     """Context parallel: ring attention in every attention module, positions offset.
 
     Token models get their sequence shard as input. A ViT embeds the whole image on every CP
@@ -70,9 +73,12 @@ def apply_cp(model: nn.Module, plan: Plan, mesh: DeviceMesh) -> float:
     from .ring_attention import ring_attention
     group = mesh["cp"].get_group()
     rank, world = mesh["cp"].get_local_rank(), plan.cp
+    if impl not in ("ring", "torch"):
+        raise ValueError(f"cp_impl must be 'ring' or 'torch', not {impl!r}")
     for m in model.modules():
         if hasattr(m, "attention_fn"):
-            m.attention_fn = partial(_ring_sdpa, ring_attention, group)
+            m.attention_fn = partial(_ring_sdpa, ring_attention, group) if impl == "ring" \
+                else _patched_sdpa
     if hasattr(model, "rope_cos"):  # Llama: this rank's slice of the rotary tables
         s = model.cfg.seq // world
         model.rope_cos = model.rope_cos[rank * s:(rank + 1) * s]
@@ -90,6 +96,33 @@ def apply_cp(model: nn.Module, plan: Plan, mesh: DeviceMesh) -> float:
         model.encoder.layers[0].register_forward_pre_hook(keep_shard)
         return float(world) if rank == 0 else 0.0
     return 1.0
+
+
+def torch_cp_context(plan: Plan, mesh: DeviceMesh, seq: int):
+    """PyTorch's `context_parallel` for this plan (CUDA attention kernels only).
+
+    Load balancing is switched off so its shards are contiguous, like our ring attention's:
+    the batch, rotary tables and positions are already this rank's slice. The one buffer it
+    shards is the full position index, which it cuts into the same contiguous slice.
+    """
+    if mesh.device_type != "cuda":
+        raise ValueError("cp_impl='torch' needs CUDA: PyTorch's context_parallel only shards "
+                         "CUDA attention kernels (use cp_impl='ring' on CPU)")
+    from torch.distributed.tensor.experimental import context_parallel
+    from torch.distributed.tensor.experimental._attention import _cp_options
+    _cp_options.enable_load_balance = False
+    cp_mesh = mesh["cp"]
+
+    def enter():
+        positions = torch.arange(seq, device="cuda")
+        return context_parallel(cp_mesh, buffers=[positions], buffer_seq_dims=[0],
+                                no_restore_buffers={positions})
+    return enter
+
+
+def _patched_sdpa(*args, **kwargs):
+    """SDPA looked up at call time, so PyTorch's context_parallel patch takes effect."""
+    return torch.nn.functional.scaled_dot_product_attention(*args, **kwargs)
 
 
 _IN_ATTENTION = [0]
@@ -250,10 +283,16 @@ def apply_data_parallel(modules: list[nn.Module], units: list[nn.Module], plan: 
 
 
 def parallelize(model: nn.Module, plan: Plan, mesh: DeviceMesh, device: torch.device,
-                compile: bool = False, counter=None) -> Parallel:
+                compile: bool = False, counter=None, cp_impl: str = "ring") -> Parallel:
     """The whole plan, in order: CP, TP, EP on the full model; the pipeline split; then per
     unit activation checkpointing and compile; then FSDP/HSDP or DDP."""
-    loss_scale = apply_cp(model, plan, mesh)
+    torch_cp = None
+    if plan.cp > 1 and cp_impl == "torch":
+        from ..models.vit import VisionTransformer
+        if isinstance(model, VisionTransformer):
+            raise ValueError("cp_impl='torch' supports token models (Llama, GPT, MoE), not ViT")
+        torch_cp = torch_cp_context(plan, mesh, model.cfg.seq)
+    loss_scale = apply_cp(model, plan, mesh, cp_impl)
     apply_tp(model, plan, mesh)
     apply_ep(model, plan, mesh)
     if plan.recompute == "selective" and not any(hasattr(m, "attention_fn")
@@ -267,7 +306,8 @@ def parallelize(model: nn.Module, plan: Plan, mesh: DeviceMesh, device: torch.de
         units = _wrap_units(model, plan, compile)
         ddp = apply_data_parallel([model], units, plan, mesh, counter, ignored)
         return Parallel(model, [model], ddp=ddp, expert_params=experts,
-                        expert_replicas=replicas, data_parallel_degree=dp, loss_scale=loss_scale)
+                        expert_replicas=replicas, data_parallel_degree=dp, loss_scale=loss_scale,
+                        torch_cp=torch_cp)
     pre, all_units, post = pipeline_parts(model)
     stage = mesh["pp"].get_local_rank()
     chunks = virtual_stage_units(len(all_units), plan.pp, plan.vpp)
@@ -291,7 +331,7 @@ def parallelize(model: nn.Module, plan: Plan, mesh: DeviceMesh, device: torch.de
     return Parallel(model, [s for s, _ in stage_modules], schedule=schedule,
                     first_stage=stage == 0, last_stage=stage == plan.pp - 1,
                     expert_params=[p for p in experts if id(p) in owned],
-                    expert_replicas=replicas, data_parallel_degree=dp)
+                    expert_replicas=replicas, data_parallel_degree=dp, torch_cp=torch_cp)
 
 
 def _schedule(plan: Plan, stages):

@@ -7,6 +7,7 @@ them into a `Measurement`.
 from __future__ import annotations
 
 import statistics
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -44,6 +45,9 @@ class RunSpec:
     """Return the first step's loss and full gradients (for equivalence tests)."""
     lr: float = 1e-4
     """AdamW learning rate of the timed steps (Adam: the cost model's default optimizer)."""
+    cp_impl: str = "ring"
+    """Context-parallel attention: `ring` (ours, any device) or `torch` (PyTorch's
+    `context_parallel`, CUDA only; contiguous shards like ours, so the two agree)."""
 
 
 def _slice_batch(inputs, target, plan: Plan, coords: dict, seq_model: bool):
@@ -89,7 +93,8 @@ def run_rank(spec: RunSpec) -> dict:
     for name in ("tp", "cp", "pp", "dp_replicate", "dp_shard", "dp_shard_cp", "dp_cp"):
         group = mesh[name].get_group()
         counter.group_labels.setdefault(group.group_name, name)  # the first name of a group
-    par = parallelize(model, plan, mesh, device, compile=spec.compile, counter=counter)
+    par = parallelize(model, plan, mesh, device, compile=spec.compile, counter=counter,
+                      cp_impl=spec.cp_impl)
     inputs, target = families.batch(cfg, plan.global_batch_size, spec.seed)
     inputs, target = _slice_batch(inputs, target, plan, coords, graph.seq is not None)
     inputs = tuple(x.to(device, dtype) if x.is_floating_point() else x.to(device) for x in inputs)
@@ -154,11 +159,12 @@ def _step(par, plan: Plan, inputs, target, opt, update: bool = True) -> float:
     # DDP's gradients are views into its buckets: zero them in place rather than dropping
     # them, or the next backward allocates a second copy beside the buckets.
     opt.zero_grad(set_to_none=par.ddp is None)
-    if plan.tp > 1:  # vocabulary-parallel cross-entropy over the sharded logits
-        from torch.distributed.tensor.parallel import loss_parallel
-        with loss_parallel():
-            loss = _microbatches(par, plan, inputs, target)
-    else:
+    with contextlib.ExitStack() as stack:
+        if plan.tp > 1:  # vocabulary-parallel cross-entropy over the sharded logits
+            from torch.distributed.tensor.parallel import loss_parallel
+            stack.enter_context(loss_parallel())
+        if par.torch_cp is not None:  # PyTorch's CP patches SDPA inside this context
+            stack.enter_context(par.torch_cp())
         loss = _microbatches(par, plan, inputs, target)
     sync_expert_grads(par)
     if update:
