@@ -137,10 +137,7 @@ def cmd_plan(args) -> int:
 
 def _cluster(args):
     from . import hardware
-    if args.cluster.endswith((".toml", ".json")):
-        cl = hardware.load_cluster(args.cluster)
-        return cl if cl.n_chips == args.chips else cl.with_n_chips(args.chips)
-    return hardware.cluster(args.cluster, args.chips)
+    return hardware.resolve_cluster(args.cluster, args.chips)
 
 
 def _options(args):
@@ -368,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-store", action="store_true", help="do not store the run")
     r.add_argument("--json", action="store_true", help="print JSON")
     r.set_defaults(func=cmd_run)
+    from . import study_cli
+    study_cli.add_command(sub)
     return p
 
 

@@ -109,6 +109,14 @@ def cluster(preset: str, n_chips: int | None = None) -> Cluster:
     return base if n_chips is None else base.with_n_chips(n_chips)
 
 
+def resolve_cluster(spec: str, n_chips: int) -> Cluster:
+    """A cluster preset name (or `cpu`) or a cluster file (.toml/.json), at `n_chips` chips."""
+    if str(spec).endswith((".toml", ".json")):
+        cl = load_cluster(spec)
+        return cl if cl.n_chips == n_chips else cl.with_n_chips(n_chips)
+    return cluster(spec, n_chips)
+
+
 def list_presets() -> dict[str, tuple[str, ...]]:
     """Names of the chip and cluster presets: {'chips': (...), 'clusters': (...)}."""
     return {"chips": (*_chip_presets(), "cpu"), "clusters": (*_cluster_presets(), "cpu")}

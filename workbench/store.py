@@ -254,60 +254,33 @@ class Store:
         same model and plan; `point` needs `study`, which must be saved (`save_study`).
         Bad input raises ValueError naming the field; nothing is stored then.
         """
-        kind = _choice("kind", kind, KINDS)
-        status = _choice("status", status, STATUSES)
-        model = _text("model", model)
-        plan_text = _plan_text(plan)
-        cluster = _text("cluster", cluster)
-        n_chips = _count("n_chips", n_chips, 1)
-        family = _text("family", family, optional=True)
-        device = _text("device", device, optional=True)
-        if status == "failed" and error is None:
-            raise ValueError("store: error is required when status is 'failed'")
-        error = _text("error", error, optional=True)
-        study = _text("study", study, optional=True)
-        point = _text("point", point, optional=True)
-        if point is not None and study is None:
-            raise ValueError("store: point needs study (a point belongs to a study)")
-        text = _payload_json(payload)
-        metrics = [None if payload.get(m) is None else
-                   _real(f"payload[{m!r}]", payload[m], strict=m == "step_time_s")
-                   for m in METRICS]
-        links = {"prediction_id": (prediction_id, ("simulation", "measurement")),
-                 "simulation_id": (simulation_id, ("measurement",))}
-        for field, (link, kinds) in links.items():
-            if link is not None and kind not in kinds:
-                raise ValueError(f"store: {field} links only {' and '.join(kinds)} results, "
-                                 f"not a {kind}")
+        row = _validated(kind, model, plan, cluster, n_chips, payload, family, device, status,
+                         error, prediction_id, simulation_id, study, point)
         with self._write() as conn:
-            for field, (link, _) in links.items():
-                if link is None:
-                    continue
-                row = conn.execute("SELECT kind, model, plan FROM results WHERE id = ?",
-                                   (_count(field, link, 1),)).fetchone()
-                want = field.removesuffix("_id")
-                if row is None or row["kind"] != want:
-                    raise ValueError(f"store: {field} {link} is not a stored {want}")
-                if (row["model"], row["plan"]) != (model, plan_text):
-                    raise ValueError(f"store: {field} {link} is {row['model']} {row['plan']}, "
-                                     f"not the same model and plan as {model} {plan_text}")
-            if study is not None and conn.execute("SELECT 1 FROM studies WHERE name = ?",
-                                                  (study,)).fetchone() is None:
-                raise ValueError(f"store: study {study!r} is not saved; call save_study first")
-            if point is not None and conn.execute(
-                    "SELECT 1 FROM results WHERE study = ? AND point = ? AND kind = ?",
-                    (study, point, kind)).fetchone():
-                raise ValueError(f"store: point {point!r} of study {study!r} already has a "
-                                 f"{kind}; delete it to redo the point")
-            cur = conn.execute(
-                f"INSERT INTO results ({', '.join(COLUMNS[1:])}, payload) "
-                f"VALUES ({', '.join('?' * len(COLUMNS))})",
-                (kind, _now(), model, family, plan_text, cluster, n_chips, device, status,
-                 error, *metrics, prediction_id, simulation_id, study, point, text))
-            result_id = cur.lastrowid
-            conn.executemany("INSERT INTO samples (result_id, t_s, step, metric, value) "
-                             "VALUES (?, ?, ?, ?, ?)", _sample_rows(result_id, samples))
-        return result_id
+            return _insert(conn, row, samples)
+
+    def save_point(self, study: str, point: str, results: Sequence[dict]) -> dict[str, int]:
+        """Store every result of one study point in ONE transaction; return {kind: id}.
+
+        Each entry holds `save()`'s keyword arguments with `kind` (at most one per kind).
+        A simulation is linked to the point's prediction, a measurement to both. Either all
+        of the point is stored or none of it: an interrupted study never keeps half a point.
+        """
+        kinds = [r.get("kind") for r in results]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"store: save_point takes one result per kind, got {kinds}")
+        order = sorted(results, key=lambda r: KINDS.index(_choice("kind", r.get("kind"), KINDS)))
+        ids: dict[str, int] = {}
+        with self._write() as conn:
+            for r in order:
+                args = {k: v for k, v in r.items() if k != "samples"}
+                if r["kind"] != "prediction":
+                    args.setdefault("prediction_id", ids.get("prediction"))
+                if r["kind"] == "measurement":
+                    args.setdefault("simulation_id", ids.get("simulation"))
+                row = _validated(study=study, point=point, **args)
+                ids[r["kind"]] = _insert(conn, row, r.get("samples", ()))
+        return ids
 
     def get(self, result_id: int) -> dict[str, Any]:
         """One result: its columns (`COLUMNS`) and `payload` parsed; KeyError if none."""
@@ -365,6 +338,14 @@ class Store:
             args.append(_choice("kind", kind, KINDS))
         return bool(self._read("SELECT 1 FROM results WHERE study = ? AND point = ?"
                                + (" AND kind = ?" if kind else "") + " LIMIT 1", args))
+
+    def study_points(self, study: str) -> dict[str, set[str]]:
+        """The stored points of `study`: point key -> the kinds stored for it."""
+        out: dict[str, set[str]] = {}
+        for r in self._read("SELECT point, kind FROM results WHERE study = ? AND point IS NOT "
+                            "NULL", (_text("study", study),)):
+            out.setdefault(r["point"], set()).add(r["kind"])
+        return out
 
     def delete(self, result_id: int) -> None:
         """Delete a result and its samples; links to it become NULL. KeyError if none."""
@@ -428,3 +409,74 @@ class Store:
         for name in METRICS:
             df[name] = df[name].astype("float64")
         return df
+
+
+def _validated(kind, model, plan, cluster, n_chips, payload, family=None, device=None,
+               status="ok", error=None, prediction_id=None, simulation_id=None, study=None,
+               point=None) -> dict[str, Any]:
+    """`Store.save`'s arguments checked and normalised (ValueError naming the field)."""
+    kind = _choice("kind", kind, KINDS)
+    status = _choice("status", status, STATUSES)
+    model = _text("model", model)
+    # a study point whose search found no plan that fits is stored failed with plan "search"
+    plan_text = "search" if status == "failed" and plan == "search" else _plan_text(plan)
+    cluster = _text("cluster", cluster)
+    n_chips = _count("n_chips", n_chips, 1)
+    family = _text("family", family, optional=True)
+    device = _text("device", device, optional=True)
+    if status == "failed" and error is None:
+        raise ValueError("store: error is required when status is 'failed'")
+    error = _text("error", error, optional=True)
+    study = _text("study", study, optional=True)
+    point = _text("point", point, optional=True)
+    if point is not None and study is None:
+        raise ValueError("store: point needs study (a point belongs to a study)")
+    text = _payload_json(payload)
+    metrics = [None if payload.get(m) is None else
+               _real(f"payload[{m!r}]", payload[m], strict=m == "step_time_s")
+               for m in METRICS]
+    links = {"prediction_id": (prediction_id, ("simulation", "measurement")),
+             "simulation_id": (simulation_id, ("measurement",))}
+    for field, (link, kinds) in links.items():
+        if link is not None and kind not in kinds:
+            raise ValueError(f"store: {field} links only {' and '.join(kinds)} results, "
+                             f"not a {kind}")
+    return dict(kind=kind, model=model, plan_text=plan_text, cluster=cluster, n_chips=n_chips,
+                family=family, device=device, status=status, error=error, study=study,
+                point=point, text=text, metrics=metrics, links=links,
+                prediction_id=prediction_id, simulation_id=simulation_id)
+
+
+def _insert(conn: sqlite3.Connection, v: dict[str, Any], samples: Iterable) -> int:
+    """Insert one validated result (and its samples) inside the caller's transaction."""
+    kind, model, plan_text, study, point = (v["kind"], v["model"], v["plan_text"], v["study"],
+                                            v["point"])
+    for field, (link, _) in v["links"].items():
+        if link is None:
+            continue
+        row = conn.execute("SELECT kind, model, plan FROM results WHERE id = ?",
+                           (_count(field, link, 1),)).fetchone()
+        want = field.removesuffix("_id")
+        if row is None or row["kind"] != want:
+            raise ValueError(f"store: {field} {link} is not a stored {want}")
+        if (row["model"], row["plan"]) != (model, plan_text):
+            raise ValueError(f"store: {field} {link} is {row['model']} {row['plan']}, "
+                             f"not the same model and plan as {model} {plan_text}")
+    if study is not None and conn.execute("SELECT 1 FROM studies WHERE name = ?",
+                                          (study,)).fetchone() is None:
+        raise ValueError(f"store: study {study!r} is not saved; call save_study first")
+    if point is not None and conn.execute(
+            "SELECT 1 FROM results WHERE study = ? AND point = ? AND kind = ?",
+            (study, point, kind)).fetchone():
+        raise ValueError(f"store: point {point!r} of study {study!r} already has a "
+                         f"{kind}; delete it to redo the point")
+    cur = conn.execute(
+        f"INSERT INTO results ({', '.join(COLUMNS[1:])}, payload) "
+        f"VALUES ({', '.join('?' * len(COLUMNS))})",
+        (kind, _now(), model, v["family"], plan_text, v["cluster"], v["n_chips"], v["device"],
+         v["status"], v["error"], *v["metrics"], v["prediction_id"], v["simulation_id"], study,
+         point, v["text"]))
+    result_id = cur.lastrowid
+    conn.executemany("INSERT INTO samples (result_id, t_s, step, metric, value) "
+                     "VALUES (?, ?, ?, ?, ?)", _sample_rows(result_id, samples))
+    return result_id

@@ -33,6 +33,14 @@ def prediction_cluster(device: str, nproc: int, device_name: str | None = None):
     return dataclasses.replace(cl, chip=chip)
 
 
+def measurement_samples(out: dict) -> list[tuple]:
+    """A run's time series for the store (and removed from `out`): each step's time, then the
+    profiler's samples, as (t_s, step, metric, value)."""
+    steps = [(sum(out["step_times_s"][:i]), i, "step_time_s", t)
+             for i, t in enumerate(out["step_times_s"])]
+    return steps + [tuple(s) for s in out.pop("samples", [])]
+
+
 def finish(results: list[dict], spec: RunSpec, plan: Plan, graph, cluster, predicted,
            device_name: str) -> dict[str, Any]:
     """Every rank's results -> the measurement: step-time statistics, rates, MFU and HFU
@@ -98,8 +106,7 @@ def run(model: str, plan: str | Plan, nproc: int, *, overrides: dict | None = No
         raise
     out = finish(results, spec, plan, graph, cluster, predicted, device_name)
     if store is not None:
-        samples = [(sum(out["step_times_s"][:i]), i, "step_time_s", t)
-                   for i, t in enumerate(out["step_times_s"])] + list(out.pop("samples"))
+        samples = measurement_samples(out)
         out["measurement_id"] = store.save(
             "measurement", model=model, plan=plan.compact(), cluster=cluster.name, n_chips=nproc,
             payload=out, family=models.family_of(cfg).name, device=device_name,
