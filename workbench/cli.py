@@ -365,8 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-store", action="store_true", help="do not store the run")
     r.add_argument("--json", action="store_true", help="print JSON")
     r.set_defaults(func=cmd_run)
-    from . import study_cli
+    from . import report, study_cli
     study_cli.add_command(sub)
+    report.add_command(sub)
     return p
 
 

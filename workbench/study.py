@@ -85,7 +85,7 @@ class Point:
                 "chips": self.chips, "global_batch": self.global_batch,
                 "seq": self.overrides.get("seq"), "plan": self.plan,
                 "plan_request": self.plan_request, "variant": self.variant,
-                "label": self.label}
+                "options": self.options, "label": self.label}
 
     @property
     def label(self) -> str:

@@ -40,11 +40,16 @@ class StudySummary:
 
 def point_cluster(point: Point):
     """The cluster a point is predicted and simulated on."""
+    return cluster_for(point.cluster, point.chips)
+
+
+def cluster_for(name: str, chips: int):
+    """A study's cluster (`cpu`: this host as the runner predicts it; a preset; a file)."""
     from . import hardware
-    if point.cluster == "cpu":
+    if name == "cpu":
         from .runner import prediction_cluster
-        return prediction_cluster("cpu", point.chips)
-    return hardware.resolve_cluster(point.cluster, point.chips)
+        return prediction_cluster("cpu", chips)
+    return hardware.resolve_cluster(name, chips)
 
 
 def evaluate_point(study: Study, point: Point) -> list[dict]:

@@ -250,7 +250,7 @@ def _peak_memory(par, plan, inputs, target, opt, device) -> float:
 def summarise(rank_results: list[dict], spec: RunSpec) -> dict:
     """Median / p10 / p90 step time and the per-kind bytes of the busiest rank."""
     times = rank_results[0]["step_times_s"]
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else [times[0]] * 9
     comm: dict[str, dict] = {}
     for r in rank_results:  # the rank that moved the most bytes of each kind
         for kind, v in r["comm"].items():
