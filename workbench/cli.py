@@ -368,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     from . import report, study_cli
     study_cli.add_command(sub)
     report.add_command(sub)
+    from .app import server
+    server.add_command(sub)
     return p
 
 
