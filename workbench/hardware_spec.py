@@ -98,9 +98,18 @@ class Chip:
     """Board power (TDP) in watts; None where no figure is known (the CPU calibration)."""
     source: str
     """Where the figures come from (datasheet, or how and when they were measured)."""
+    efficiency: Mapping[str, Any] | None = None
+    """Measured achieved fractions and framework costs of a calibrated chip (the `efficiency`
+    table of a `workbench calibrate` profile, `costmodel.efficiency.efficiency_from_dict`);
+    None for presets, whose figures live in `costmodel/efficiency.py`. Read-only."""
 
     def __post_init__(self) -> None:
         _text(self.name, "chip.name")
+        if self.efficiency is not None:
+            if not isinstance(self.efficiency, Mapping):
+                raise ValueError(f"chip {self.name}: efficiency must be a table (or absent)")
+            object.__setattr__(self, "efficiency",
+                               MappingProxyType(json.loads(json.dumps(dict(self.efficiency)))))
         _text(self.source, f"chip {self.name}: source")
         if not isinstance(self.dense_flops_per_s, Mapping) or not self.dense_flops_per_s:
             raise ValueError(f"chip {self.name}: dense_flops_per_s must be a non-empty table "
@@ -125,8 +134,10 @@ class Chip:
             _text(nvml, f"chip {self.name}: nvml_names[{i}]")
 
     def __hash__(self) -> int:  # the read-only mapping is not hashable by itself
+        eff = None if self.efficiency is None else json.dumps(dict(self.efficiency),
+                                                              sort_keys=True)
         return hash((self.name, frozenset(self.dense_flops_per_s.items()), self.memory_bytes,
-                     self.memory_bandwidth_Bps, self.nvml_names, self.power_w, self.source))
+                     self.memory_bandwidth_Bps, self.nvml_names, self.power_w, self.source, eff))
 
     def peak_flops_per_s(self, dtype: str) -> float:
         """Dense peak FLOP/s for `dtype` (`bf16`, `bfloat16`, `torch.bfloat16`, ...)."""
@@ -346,8 +357,12 @@ _CLUSTER_KEYS = ("name", "chip", "levels", "n_chips", "source")
 def chip_from_dict(d: dict, where: str = "chip") -> Chip:
     """A Chip from a parsed table; unknown or missing keys raise ValueError naming the key.
 
-    `power_w` is the only optional key (absent = unknown)."""
-    _keys(d, where, _CHIP_REQUIRED, ("power_w",))
+    `power_w` (absent = unknown) and `efficiency` (a calibrated chip's measured figures,
+    checked by `costmodel.efficiency.efficiency_from_dict`) are the optional keys."""
+    _keys(d, where, _CHIP_REQUIRED, ("power_w", "efficiency"))
+    if "efficiency" in d:
+        from .costmodel.efficiency import efficiency_from_dict
+        efficiency_from_dict(d["efficiency"], f"{where}.efficiency")
     flops = d["dense_flops_per_s"]
     _keys(flops, f"{where}.dense_flops_per_s", (), DTYPES)
     names = d["nvml_names"]
@@ -361,16 +376,18 @@ def chip_from_dict(d: dict, where: str = "chip") -> Chip:
                 memory_bandwidth_Bps=_num(d["memory_bandwidth_Bps"], f"{where}.memory_bandwidth_Bps"),
                 nvml_names=tuple(names),
                 power_w=None if power is None else _num(power, f"{where}.power_w"),
-                source=_text(d["source"], f"{where}.source"))
+                source=_text(d["source"], f"{where}.source"), efficiency=d.get("efficiency"))
 
 
 def chip_to_dict(c: Chip) -> dict:
-    """The table `chip_from_dict` reads (power_w left out when unknown)."""
+    """The table `chip_from_dict` reads (power_w and efficiency left out when absent)."""
     d = {"name": c.name, "dense_flops_per_s": dict(c.dense_flops_per_s),
          "memory_bytes": c.memory_bytes, "memory_bandwidth_Bps": c.memory_bandwidth_Bps,
          "nvml_names": list(c.nvml_names), "power_w": c.power_w, "source": c.source}
     if c.power_w is None:
         del d["power_w"]
+    if c.efficiency is not None:
+        d["efficiency"] = json.loads(json.dumps(dict(c.efficiency)))
     return d
 
 

@@ -5,28 +5,54 @@ launch overhead, with a saturating efficiency curve per op kind
 
     e(F) = e_max x F / (F + F_half)
 
-(small ops cannot fill the machine; large ones approach `e_max`). `m` is the achieved
-fraction of memory bandwidth. Figures are per chip, chosen from published measurements and
-never fitted per model; `workbench calibrate` (a later issue) measures them for a local device.
+(small ops cannot fill the machine; large ones approach `e_max`); on a chip with a width
+term, an op whose narrowest GEMM dimension `w` is below `width_sat` streams its FLOPs at
+`w / width_sat` of the rate (vector lanes and register tiles stay partly empty):
+`e = e_max F / (F width_sat / w + F_half)` (`width_sat` 0 = no such effect, as for the GPU
+presets).
+`m` is the achieved fraction of memory bandwidth. Figures are per chip, chosen from published
+measurements and never fitted per model.
+
+A calibrated chip (`workbench calibrate`, `workbench/calibrate.py`) carries its own measured
+figures in the profile file (`chip.efficiency`, read by `efficiency_from_dict`): forward and
+backward curves per op kind, the framework's dispatch seconds per op kind and pass, and the
+fixed framework costs the engine adds (optimizer per parameter tensor, per collective call,
+per FSDP gather and reduction, per tensor-parallel op, per pipeline action, per ring-attention
+step) and how much communication hides behind compute. `efficiency_for(chip)` returns those
+for such a chip; the presets below leave every framework cost at 0 and overlap at 1, so GPU
+predictions do not depend on them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import functools
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 
 import numpy as np
 
 
 @dataclass(frozen=True)
 class Curve:
-    """e(F) = e_max x F / (F + half_flops)."""
+    """e(F, w) = e_max x F / (F / fill + half_flops), fill = min(1, w / width_sat): the
+    time F / (peak e_max fill) + half_flops / (peak e_max) is a fixed part and a streaming part
+    that narrow ops run at the fraction `fill` of."""
 
     e_max: float
     """Fraction of dense peak that very large ops of this kind reach."""
     half_flops: float
     """Op size (FLOPs) at which the fraction is half of `e_max`."""
+    width_sat: float = 0.0
+    """Narrowest GEMM dimension (elements) from which the op fills the vector units; narrower
+    ops reach `w / width_sat` of the curve. 0: no width effect."""
 
-    def __call__(self, flops):
+    def __call__(self, flops, width=None):
         f = np.asarray(flops, dtype=float)
+        if self.width_sat > 0 and width is not None:  # narrow ops stream at w / width_sat
+            fill = np.minimum(1.0, np.asarray(width, dtype=float) / self.width_sat)
+            return self.e_max * f / (f / np.maximum(fill, 1e-12) + self.half_flops)
         return self.e_max * f / (f + self.half_flops)
 
 
@@ -48,11 +74,64 @@ class ChipEfficiency:
     """Fixed cost per op launch (kernel launch, framework dispatch)."""
     source: str
     """Where the figures come from."""
+    curves_fwd: Mapping[str, Curve] = field(default_factory=dict)
+    """Per op kind, a measured forward curve that replaces the one above (calibrated chips)."""
+    curves_bwd: Mapping[str, Curve] = field(default_factory=dict)
+    """Per op kind, a measured backward curve (default: the forward one)."""
+    dispatch_fwd_s: Mapping[str, float] = field(default_factory=dict)
+    """Per op kind, fixed seconds of a forward op (framework dispatch); default
+    `op_overhead_s`."""
+    dispatch_bwd_s: Mapping[str, float] = field(default_factory=dict)
+    """Per op kind, fixed seconds of its backward; default `op_overhead_s`."""
+    optimizer_tensor_s: float = 0.0
+    """Fixed seconds of the optimizer update per parameter tensor (per-tensor kernels of
+    AdamW foreach=False; 0 for fused/foreach optimizers on GPUs)."""
+    optimizer_dtensor_s: float = 0.0
+    """The same for a distributed-tensor parameter (FSDP shards, TP weights)."""
+    optimizer_bytes_per_param: float = 0.0
+    """Bytes the optimizer update moves per parameter, when measured (an unfused update
+    reads and writes each state several times); 0: the engine's `OPTIMIZER_STEP_BYTES`."""
+    collective_call_s: float = 0.0
+    """Fixed seconds per collective call on top of the link latency (framework, work
+    object, wait)."""
+    ddp_microbatch_s: float = 0.0
+    """Fixed seconds of DDP per microbatch (forward hooks, backward preparation)."""
+    ddp_tensor_s: float = 0.0
+    """DDP seconds per parameter tensor and microbatch (gradient-ready hooks)."""
+    ddp_step_s: float = 0.0
+    """Fixed seconds of DDP per step beyond its modelled bucket all-reduces."""
+    fsdp_gather_s: float = 0.0
+    """Fixed seconds per FSDP unit all-gather beyond the collective (copy-in, copy-out,
+    hooks)."""
+    fsdp_reduce_s: float = 0.0
+    """Fixed seconds per FSDP unit gradient reduction beyond the collective."""
+    tp_op_fwd_s: float = 0.0
+    """Extra forward seconds of an op on tensor-parallel (distributed tensor) weights."""
+    tp_op_bwd_s: float = 0.0
+    """Extra backward seconds of such an op."""
+    pp_action_s: float = 0.0
+    """Fixed seconds per pipeline-schedule action (one forward or backward of a microbatch
+    on a stage: stage bookkeeping, buffers, send/recv posting)."""
+    cp_step_s: float = 0.0
+    """Fixed seconds per ring-attention step (one K/V block exchange and merge) per pass."""
+    comm_overlap: float = 1.0
+    """Fraction of a collective that can hide behind concurrent compute (1: separate
+    communication engines, as GPUs; less when ranks compute and communicate on the same
+    cores)."""
 
-    def curve(self, kind: str) -> Curve:
-        """The curve for an op kind of the layer graph."""
+    def curve(self, kind: str, backward: bool = False) -> Curve:
+        """The curve for an op kind of the layer graph (forward, or backward)."""
+        if backward and kind in self.curves_bwd:
+            return self.curves_bwd[kind]
+        if kind in self.curves_fwd:
+            return self.curves_fwd[kind]
         return {"linear": self.matmul, "batched_matmul": self.matmul,
                 "attention": self.attention, "conv": self.conv, "lstm": self.lstm}[kind]
+
+    def dispatch_s(self, kind: str, backward: bool = False) -> float:
+        """Fixed seconds of one op of `kind` in a pass."""
+        table = self.dispatch_bwd_s if backward else self.dispatch_fwd_s
+        return table.get(kind, self.op_overhead_s)
 
 
 # A100 SXM: cuBLAS reaches about 85% of the 312 TFLOP/s dense fp16/bf16 peak on large square
@@ -96,8 +175,120 @@ EFFICIENCY: dict[str, ChipEfficiency] = {
 }
 
 
-def efficiency_for(chip_name: str) -> ChipEfficiency:
-    """The efficiency figures of a chip preset (unknown chips get the H100 figures, labelled)."""
+def efficiency_for(chip) -> ChipEfficiency:
+    """The efficiency figures of a chip: its own measured ones when it carries them (a
+    calibrated `Chip`), else its preset's by name (unknown chips get the H100 figures,
+    labelled). Accepts a `Chip` or a chip name."""
+    table = getattr(chip, "efficiency", None)
+    if table is not None:
+        return _from_json(json.dumps(dict(table), sort_keys=True, default=_plain))
+    chip_name = getattr(chip, "name", chip)
     if chip_name in EFFICIENCY:
         return EFFICIENCY[chip_name]
     return replace(_H100, source=f"ASSUMED for unknown chip {chip_name!r}: H100 figures")
+
+
+# ----------------------------------------------------------------------------- profile files
+
+_CURVE_KINDS = ("linear", "batched_matmul", "attention", "conv", "lstm")
+_SCALARS = ("optimizer_tensor_s", "optimizer_dtensor_s", "optimizer_bytes_per_param",
+            "collective_call_s", "ddp_microbatch_s", "ddp_tensor_s", "ddp_step_s",
+            "fsdp_gather_s",
+            "fsdp_reduce_s", "tp_op_fwd_s", "tp_op_bwd_s", "pp_action_s", "cp_step_s")
+_REQUIRED = ("source", "memory", "op_overhead_s", "curves")
+_OPTIONAL = ("curves_bwd", "dispatch_fwd_s", "dispatch_bwd_s", "comm_overlap") + _SCALARS
+
+
+def _plain(x):
+    return dict(x) if isinstance(x, Mapping) else str(x)
+
+
+def _number(value, where: str, low: float = 0.0, low_open: bool = False,
+            high: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{where} must be a finite number, got {value!r}")
+    if value < low or (low_open and value == low) or (high is not None and value > high):
+        bound = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high else "")
+        raise ValueError(f"{where} must be {bound}, got {value!r}")
+    return float(value)
+
+
+def _curve_from_dict(d, where: str) -> Curve:
+    if not isinstance(d, Mapping):
+        raise ValueError(f"{where} must be a table with e_max, half_flops[, width_sat]")
+    unknown = [k for k in d if k not in ("e_max", "half_flops", "width_sat")]
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r} (allowed: e_max, half_flops, "
+                         f"width_sat)")
+    for k in ("e_max", "half_flops"):
+        if k not in d:
+            raise ValueError(f"{where}: missing key {k!r}")
+    return Curve(_number(d["e_max"], f"{where}.e_max", 0.0, low_open=True, high=2.0),
+                 _number(d["half_flops"], f"{where}.half_flops"),
+                 _number(d.get("width_sat", 0.0), f"{where}.width_sat"))
+
+
+def _kind_table(d, where: str, parse) -> dict:
+    from .ops import REGISTRY
+    if not isinstance(d, Mapping):
+        raise ValueError(f"{where} must be a table of op kind -> value")
+    for k in d:
+        if k not in REGISTRY:
+            raise ValueError(f"{where}: op kind {k!r} is not one of {', '.join(sorted(REGISTRY))}")
+    return {k: parse(v, f"{where}.{k}") for k, v in d.items()}
+
+
+def efficiency_from_dict(d, where: str = "efficiency") -> ChipEfficiency:
+    """A chip's measured figures from a profile file's `efficiency` table; unknown or missing
+    keys and values out of range raise ValueError naming the field."""
+    if not isinstance(d, Mapping):
+        raise ValueError(f"{where} must be a table/object")
+    unknown = [k for k in d if k not in _REQUIRED + _OPTIONAL]
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r} (allowed: "
+                         f"{', '.join(_REQUIRED + _OPTIONAL)})")
+    missing = [k for k in _REQUIRED if k not in d]
+    if missing:
+        raise ValueError(f"{where}: missing key {missing[0]!r}")
+    if not isinstance(d["source"], str) or not d["source"].strip():
+        raise ValueError(f"{where}.source must be a non-empty string")
+    fwd = _kind_table(d["curves"], f"{where}.curves", _curve_from_dict)
+    for kind in ("linear", "attention", "conv", "lstm"):
+        if kind not in fwd:
+            raise ValueError(f"{where}.curves: missing key {kind!r}")
+    bwd = _kind_table(d.get("curves_bwd", {}), f"{where}.curves_bwd", _curve_from_dict)
+    for k in list(fwd) + list(bwd):
+        if k not in _CURVE_KINDS:
+            raise ValueError(f"{where}: curves are for {', '.join(_CURVE_KINDS)}, not {k!r}")
+    dispatch = {p: _kind_table(d.get(f"dispatch_{p}_s", {}), f"{where}.dispatch_{p}_s",
+                               lambda v, w: _number(v, w)) for p in ("fwd", "bwd")}
+    scalars = {k: _number(d.get(k, 0.0), f"{where}.{k}") for k in _SCALARS}
+    return ChipEfficiency(
+        matmul=fwd["linear"], attention=fwd["attention"], conv=fwd["conv"], lstm=fwd["lstm"],
+        memory=_number(d["memory"], f"{where}.memory", 0.0, low_open=True, high=1.5),
+        op_overhead_s=_number(d["op_overhead_s"], f"{where}.op_overhead_s"),
+        source=d["source"], curves_fwd=MappingProxyType(fwd), curves_bwd=MappingProxyType(bwd),
+        dispatch_fwd_s=MappingProxyType(dispatch["fwd"]),
+        dispatch_bwd_s=MappingProxyType(dispatch["bwd"]),
+        comm_overlap=_number(d.get("comm_overlap", 1.0), f"{where}.comm_overlap", high=1.0),
+        **scalars)
+
+
+def efficiency_to_dict(e: ChipEfficiency) -> dict:
+    """The table `efficiency_from_dict` reads."""
+    def curve(c: Curve) -> dict:
+        return {"e_max": c.e_max, "half_flops": c.half_flops, "width_sat": c.width_sat}
+    fwd = {"linear": e.matmul, "attention": e.attention, "conv": e.conv, "lstm": e.lstm,
+           **dict(e.curves_fwd)}
+    out = {"source": e.source, "memory": e.memory, "op_overhead_s": e.op_overhead_s,
+           "curves": {k: curve(c) for k, c in fwd.items()},
+           "curves_bwd": {k: curve(c) for k, c in e.curves_bwd.items()},
+           "dispatch_fwd_s": dict(e.dispatch_fwd_s), "dispatch_bwd_s": dict(e.dispatch_bwd_s),
+           "comm_overlap": e.comm_overlap}
+    out.update({k: getattr(e, k) for k in _SCALARS})
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _from_json(text: str) -> ChipEfficiency:
+    return efficiency_from_dict(json.loads(text))

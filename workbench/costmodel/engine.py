@@ -11,6 +11,29 @@ layers (roofline, `efficiency.py`), plus the communication on the critical path 
 all-reduces, CP K/V exchange, EP all-to-all, pipeline sends, FSDP gathers not hidden by
 prefetch), and m = microbatches per DP rank; (pp - 1) / vpp microbatch slots are the
 pipeline bubble (Narayanan et al. 2021). Collective times come from `comm.py`.
+
+Framework terms (`efficiency.py`; every one is 0, or 1 for the overlap, in the GPU presets,
+so GPU predictions do not depend on them; a calibrated chip carries measured values):
+
+- each op pays a fixed dispatch time per pass, per op kind (`dispatch_fwd_s`,
+  `dispatch_bwd_s`; the presets' single `op_overhead_s`), and its kernel runs at the
+  fraction of the curve its narrowest GEMM dimension allows (`Curve.width_sat`);
+- an op on tensor-parallel weights (TP-split ops with parameters when tp > 1, and the
+  sequence-parallel ops with SP) pays `tp_op_fwd_s` / `tp_op_bwd_s` more (distributed-tensor dispatch);
+- ring attention pays `cp_step_s` per K/V block step, (cp - 1) steps per pass;
+- every collective call pays `collective_call_s` on top of the link latency;
+- DDP pays `ddp_microbatch_s` per microbatch, `ddp_tensor_s` per parameter tensor and
+  microbatch (gradient hooks) and `ddp_step_s` per step, exposed;
+- each FSDP unit all-gather pays `fsdp_gather_s` and each unit gradient reduction
+  `fsdp_reduce_s` (copy-in/out, hooks; `fsdp_reduce_s` includes the call's latency, which
+  the one modelled reduce-scatter of the stage's gradients then does not count again);
+- a pipeline stage pays `pp_action_s` per action (forward or backward of a microbatch on a
+  model chunk);
+- the optimizer pays `optimizer_tensor_s` per parameter tensor the rank updates
+  (`optimizer_dtensor_s` when the tensor is a distributed tensor: FSDP shards, TP weights),
+  and moves `optimizer_bytes_per_param` per parameter where measured (an unfused update);
+- only `comm_overlap` of a collective hides behind concurrent compute (DP reduction behind
+  the last backward, FSDP gathers behind the previous unit).
 """
 from __future__ import annotations
 
@@ -21,7 +44,7 @@ from . import comm
 from .efficiency import efficiency_for
 from .memory import memory_per_stage
 from .plans import DTYPE_BYTES, CostOptions, PlanArrays
-from .profile import GraphProfile
+from .profile import GraphProfile, _row
 from .volumes import (RECOMPUTE_FULL, RECOMPUTE_SELECTIVE, group_of, layer_collectives, p2p_bytes,
                       rank_params)
 
@@ -31,10 +54,17 @@ written (24) + the low-precision grad read and weight written (4); SGD: master a
 (16) + 4)."""
 
 
+def collective_s(kind, size, n, stride, cluster: Cluster, algorithm: str = "ring"):
+    """`comm.collective_time_s` plus the chip's fixed framework cost per call."""
+    t = comm.collective_time_s(kind, size, n, stride, cluster, algorithm)
+    call = efficiency_for(cluster.chip).collective_call_s
+    return t + np.where(np.asarray(n) > 1, call, 0.0) if call else t
+
+
 def _collective(records, name, kind, group, n, stride, size, count, cluster, algorithm="ring",
                 bytes_per_step=None):
     """Time one collective (per op) and keep a record of it for `Estimate.comm`."""
-    t = comm.collective_time_s(kind, size, n, stride, cluster, algorithm)
+    t = collective_s(kind, size, n, stride, cluster, algorithm)
     records.append({"name": name, "kind": kind, "group": group, "group_size": n,
                     "level": comm.span_level(cluster, n, stride), "bytes": size,
                     "count_per_step": count, "time_s": t,
@@ -42,10 +72,80 @@ def _collective(records, name, kind, group, n, stride, size, count, cluster, alg
     return t
 
 
+_LAYER_FACTS: dict[int, tuple] = {}
+
+
+def _param_tensors(layer) -> int:
+    """Parameter tensors a layer owns (a tied layer borrows its weight)."""
+    sh, k = layer.shape, layer.kind
+    weight = 0 if layer.tied_to else 1
+    if k in ("linear", "conv"):
+        return weight + int(bool(sh.get("bias", True)))
+    if k == "batched_matmul":
+        return int(bool(sh.get("params"))) + int(bool(sh.get("bias")))
+    if k == "norm":
+        return sh.get("affine_params", 2) if layer.params else 0
+    if k == "lstm":
+        return 4 if sh.get("bias", True) else 2
+    if k in ("embedding", "parameter"):
+        return weight
+    return 0
+
+
+def _width(layer) -> float:
+    """The narrowest dimension of the GEMM behind a layer's kernel (inf for non-GEMM ops)."""
+    sh, k = layer.shape, layer.kind
+    if k == "linear":
+        return min(sh["tokens"], sh["in_features"], sh["out_features"])
+    if k == "batched_matmul":
+        return min(sh["m"], sh["k"], sh["n"])
+    if k == "conv":
+        taps = int(np.prod(sh["kernel"]))
+        return min(sh["in_channels"] // sh.get("groups", 1) * taps, sh["out_channels"])
+    if k == "attention":
+        return sh["head_dim"]
+    if k == "lstm":
+        return min(sh["input_size"], sh["hidden"])
+    return float("inf")
+
+
+def layer_facts(prof: GraphProfile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per signature, the GEMM width (S); per row [pre, units..., post], the parameter
+    tensors (U+2) and those of them that TP splits or SP shards (U+2). Cached per profile."""
+    hit = _LAYER_FACTS.get(id(prof))
+    if hit is not None and hit[0] is prof:
+        return hit[1:]
+    g = prof.graph
+    index: dict[tuple, int] = {}
+    for i in range(len(prof.kind)):
+        index.setdefault((prof.kind[i], prof.fwd_flops[i], prof.bwd_flops[i], prof.rw_bytes[i],
+                          prof.params[i], prof.saved_bytes[i]), i)
+    width = np.full(len(prof.kind), np.inf)
+    tensors = np.zeros(g.units + 2)
+    tp_tensors = np.zeros((2, g.units + 2))  # [TP-split, SP-sharded]
+    for layer in g.layers:
+        key = (layer.kind, float(layer.fwd_flops), float(layer.bwd_flops),
+               float(layer.read_bytes + layer.write_bytes), float(layer.params),
+               float(layer.saved_bytes))
+        sig = index.get(key)
+        if sig is not None:
+            width[sig] = min(width[sig], _width(layer))
+        row, n = _row(layer.unit, g.units), _param_tensors(layer)
+        tensors[row] += n
+        if layer.tp in ("column", "row", "heads", "vocab"):
+            tp_tensors[0, row] += n
+        elif layer.tp == "sequence":
+            tp_tensors[1, row] += n
+    if len(_LAYER_FACTS) > 64:
+        _LAYER_FACTS.clear()
+    _LAYER_FACTS[id(prof)] = (prof, width, tensors, tp_tensors)
+    return width, tensors, tp_tensors
+
+
 def op_times(prof: GraphProfile, plans: PlanArrays, cluster: Cluster, opt: CostOptions):
     """Per-signature forward and backward seconds (S x N) on one rank, and the share of each
     op a rank does (S x N)."""
-    eff = efficiency_for(cluster.chip.name)
+    eff = efficiency_for(cluster.chip)
     peak = cluster.chip.peak_flops_per_s(plans.dtype)
     mem_bw = cluster.chip.memory_bandwidth_Bps * eff.memory
     tp, cp, mb = plans.tp[None, :], plans.cp[None, :], plans.mb[None, :]
@@ -62,17 +162,29 @@ def op_times(prof: GraphProfile, plans: PlanArrays, cluster: Cluster, opt: CostO
         f_bytes = f_bytes + 13 * scores * elem
         b_bytes = b_bytes + 26 * scores * elem
     e_f, e_b = np.ones_like(f_flops), np.ones_like(b_flops)
-    for kind in ("linear", "batched_matmul", "attention", "conv", "lstm"):
+    width = layer_facts(prof)[0][:, None]
+    busy_f, busy_b = np.zeros((len(prof.kind), 1)), np.zeros((len(prof.kind), 1))
+    for kind in set(prof.kind):
         rows = prof.kind == kind
-        if rows.any():
-            curve = eff.curve(kind)
-            e_f[rows], e_b[rows] = curve(f_flops[rows]), curve(b_flops[rows])
+        busy_f[rows], busy_b[rows] = eff.dispatch_s(kind), eff.dispatch_s(kind, backward=True)
+        if kind in ("linear", "batched_matmul", "attention", "conv", "lstm"):
+            w = np.broadcast_to(width[rows], f_flops[rows].shape)
+            e_f[rows] = eff.curve(kind)(f_flops[rows], w)
+            e_b[rows] = eff.curve(kind, backward=True)(b_flops[rows], w)
+    active = (prof.rw_bytes > 0)[:, None]
+    busy_f, busy_b = busy_f * active, busy_b * active
+    if eff.tp_op_fwd_s or eff.tp_op_bwd_s:  # distributed-tensor weights under TP (and SP)
+        split_weights = (prof.tp_split & (prof.params > 0))[:, None]
+        on_dtensors = (split_weights | (prof.tp_sequence[:, None] & plans.sp[None, :])) & (tp > 1)
+        busy_f, busy_b = busy_f + on_dtensors * eff.tp_op_fwd_s, busy_b + on_dtensors * eff.tp_op_bwd_s
+    if eff.cp_step_s:  # ring attention: cp - 1 block exchanges per pass
+        steps = (prof.kind == "attention")[:, None] * prof.cp[:, None] * (cp - 1)
+        busy_f, busy_b = busy_f + steps * eff.cp_step_s, busy_b + steps * eff.cp_step_s
     counted = prof.counted[:, None]
-    busy = (prof.rw_bytes > 0)[:, None] * eff.op_overhead_s
     t_f = np.where(counted, np.maximum(f_flops / (peak * np.maximum(e_f, 1e-12)), f_bytes / mem_bw),
-                   f_bytes / mem_bw) + busy
+                   f_bytes / mem_bw) + busy_f
     t_b = np.where(counted, np.maximum(b_flops / (peak * np.maximum(e_b, 1e-12)), b_bytes / mem_bw),
-                   b_bytes / mem_bw) + busy
+                   b_bytes / mem_bw) + busy_b
     return t_f, t_b, share
 
 
@@ -99,7 +211,7 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
     for fam in layer_collectives(prof, plans, opt):
         n_g, s_g = group_of(plans, fam.group)
         calls = fam.fwd_calls + fam.bwd_calls
-        group_sig[fam.group] = group_sig[fam.group] + calls * comm.collective_time_s(
+        group_sig[fam.group] = group_sig[fam.group] + calls * collective_s(
             fam.kind, fam.bytes, n_g, s_g, cluster)
         _record_per_op(records, fam.name, fam.kind, fam.group, n_g, s_g, fam.bytes, calls,
                        counts, prof, plans, cluster)
@@ -109,11 +221,12 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
     # PP: each microbatch sends its activation forward and its gradient back, per model chunk.
     p2p = p2p_bytes(prof, plans, opt)
     n_pp, s_pp = plans.group(("pp",))
-    t_p2p = comm.collective_time_s("send_recv", p2p, np.minimum(n_pp, 2), s_pp, cluster)
+    t_p2p = collective_s("send_recv", p2p, np.minimum(n_pp, 2), s_pp, cluster)
     if opt.pp_scatter_gather:  # the receiver all-gathers the 1/tp slices over the TP group
-        t_p2p = t_p2p + np.where(plans.sp, 0.0, comm.collective_time_s(
+        t_p2p = t_p2p + np.where(plans.sp, 0.0, collective_s(
             "all_gather", p2p * tp, n_tp, s_tp, cluster))
-    pp_mb = np.where(plans.pp > 1, 2 * plans.vpp * t_p2p, 0.0)
+    eff = efficiency_for(cluster.chip)
+    pp_mb = np.where(plans.pp > 1, 2 * plans.vpp * (t_p2p + eff.pp_action_s), 0.0)
     m = plans.microbatches
     records.append({"name": "PP send/recv (activations, gradients)", "kind": "send_recv",
                     "group": "pp", "group_size": n_pp, "level": comm.span_level(cluster, 2, s_pp),
@@ -127,7 +240,9 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
     out = {name: np.zeros(n) for name in (
         "compute_s", "recompute_s", "tp_comm_s", "cp_comm_s", "ep_comm_s", "pp_comm_s",
         "fsdp_exposed_s", "bubble_s", "stage_time_mb_s", "bottleneck_stage", "stage_params",
-        "stage_units", "stage_bwd_mb_s", "stage_root_params")}
+        "stage_units", "stage_bwd_mb_s", "stage_root_params", "stage_tensors",
+        "stage_tp_tensors", "stage_sp_tensors")}
+    _, row_tensors, row_tp_tensors = layer_facts(prof)
     pre_params, post_params = counts[0] @ p_sig, counts[-1] @ p_sig  # FSDP roots: N each
     groups = {}
     for (pp, vpp) in {(int(a), int(b)) for a, b in zip(plans.pp, plans.vpp)}:
@@ -158,6 +273,9 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
         out["stage_params"][idx] = stage_params[big, np.arange(len(idx))]
         out["stage_root_params"][idx] = root[big, np.arange(len(idx))]
         out["stage_units"][idx] = a[big, 1:-1].sum(axis=1)
+        out["stage_tensors"][idx] = (a @ row_tensors)[big]
+        out["stage_tp_tensors"][idx] = (a @ row_tp_tensors[0])[big]
+        out["stage_sp_tensors"][idx] = (a @ row_tp_tensors[1])[big]
 
     _data_parallel(out, plans, cluster, opt, records, elem)
     out["stage_time_mb_s"] += out["fsdp_exposed_s"]
@@ -181,7 +299,7 @@ def _record_per_op(records, name, kind, group, n, stride, size_sig, passes_sig, 
     layers = counts.sum(axis=0)[:, None]
     ops = (layers * passes_sig).sum(axis=0) / plans.pp
     total = (layers * passes_sig * size_sig).sum(axis=0) / plans.pp
-    t = comm.collective_time_s(kind, per_op[pick, cols], n, stride, cluster)
+    t = collective_s(kind, per_op[pick, cols], n, stride, cluster)
     active = np.asarray(n) > 1
     records.append({"name": name, "kind": kind, "group": group, "group_size": n,
                     "level": comm.span_level(cluster, n, stride), "bytes": per_op[pick, cols],
@@ -192,10 +310,14 @@ def _record_per_op(records, name, kind, group, n, stride, size_sig, passes_sig, 
 
 def _data_parallel(out, plans, cluster, opt, records, elem):
     """Gradient reduction, ZeRO/FSDP gathers and the optimizer step (per step)."""
+    eff = efficiency_for(cluster.chip)
+    overlap = eff.comm_overlap
     params = out["stage_params"]
     w_bytes = 2 * elem
     grads = params * w_bytes
-    sharded = (plans.fsdp > 1) | (plans.zero == 3)
+    # CP shards the weights over the CP ranks too (FSDP over fsdp x cp, torchtitan's and the
+    # runner's way), even with fsdp = 1
+    sharded = (plans.fsdp > 1) | (plans.zero == 3) | (plans.cp > 1)
     n_dp, s_dp = plans.group(("cp", "fsdp", "dp"))           # every rank holding the same weights
     n_sh, s_sh = np.where(plans.fsdp > 1, plans.group(("cp", "fsdp")), (n_dp, s_dp))
     n_rep, s_rep = plans.group(("dp",))
@@ -214,12 +336,20 @@ def _data_parallel(out, plans, cluster, opt, records, elem):
     hsdp = sharded & (plans.dp > 1) & (plans.fsdp > 1)
     t_hsdp = _collective(records, "HSDP replica all-reduce of shards", "all_reduce", "dp", n_rep,
                          s_rep, grads / np.maximum(n_sh, 1), np.where(hsdp, 1, 0), cluster, alg)
+    if eff.fsdp_reduce_s:  # per unit (its call's latency included: counted once, here)
+        t_rs = t_rs - collective_s("reduce_scatter", 0.0, n_sh, s_sh, cluster, alg) \
+            + rs_calls * eff.fsdp_reduce_s
     reduce_s = np.where(plain, t_ar, t_rs + np.where(hsdp, t_hsdp, 0.0))
+    m = plans.microbatches
+    ddp = plain & (n_dp > 1)  # DDP's own costs: hooks per microbatch and tensor, per step
+    ddp_s = np.where(ddp, m * (eff.ddp_microbatch_s + out["stage_tensors"] * eff.ddp_tensor_s)
+                     + eff.ddp_step_s, 0.0)
     if opt.overlap_dp:
         last_bucket = reduce_s * np.minimum(1.0, opt.bucket_bytes / np.maximum(grads, 1.0))
-        out["dp_exposed_s"] = np.maximum(last_bucket, reduce_s - out["stage_bwd_mb_s"])
+        hidden = overlap * np.minimum(reduce_s - last_bucket, out["stage_bwd_mb_s"])
+        out["dp_exposed_s"] = reduce_s - hidden + ddp_s
     else:
-        out["dp_exposed_s"] = reduce_s
+        out["dp_exposed_s"] = reduce_s + ddp_s
     zero12 = ~sharded & (plans.zero > 0)
     t_ag = _collective(records, "ZeRO-1/2 parameter all-gather", "all_gather", "dp", n_dp, s_dp,
                        params * w_bytes, np.where(zero12, 1, 0), cluster, alg)
@@ -229,7 +359,6 @@ def _data_parallel(out, plans, cluster, opt, records, elem):
     # weights before its forward and again before its backward, prefetching the next unit
     # while this one computes. The first gathers of each pass are exposed, each later one only
     # by what the previous unit's compute does not hide.
-    m = plans.microbatches
     unit_bytes = (params - root) * w_bytes / units
     t_unit = _collective(records, "FSDP parameter all-gather (per unit)", "all_gather", "fsdp",
                          n_sh, s_sh, unit_bytes, np.where(sharded, 2 * units * m, 0), cluster, alg)
@@ -237,16 +366,28 @@ def _data_parallel(out, plans, cluster, opt, records, elem):
                          s_sh, root * w_bytes, np.where(sharded & (root > 0), m, 0), cluster, alg)
     fwd_unit = (out["compute_s"] - out["stage_bwd_mb_s"]) / units
     bwd_unit = out["stage_bwd_mb_s"] / units
-    hidden = (units - 1) * (np.maximum(0, t_unit - fwd_unit) + np.maximum(0, t_unit - bwd_unit))
-    out["fsdp_exposed_s"] = np.where(sharded, t_root * (root > 0) + 2 * t_unit + hidden, 0.0)
+    later = (t_unit - overlap * np.minimum(t_unit, fwd_unit)
+             + t_unit - overlap * np.minimum(t_unit, bwd_unit))   # exposed part, units 2..U
+    gathers = t_root * (root > 0) + 2 * t_unit + (units - 1) * later
+    framework = eff.fsdp_gather_s * ((root > 0) + 2 * units)     # copy-in/out, hooks
+    out["fsdp_exposed_s"] = np.where(sharded, gathers + framework, 0.0)
     opt_params = params / np.where(sharded | (plans.zero >= 1), n_sh, 1)
-    out["optimizer_s"] = optimizer_s(opt_params, cluster, opt)
+    tensors = out["stage_tensors"]
+    dtensors = np.where(sharded, tensors, np.where(
+        plans.tp > 1, out["stage_tp_tensors"] + plans.sp * out["stage_sp_tensors"], 0.0))
+    out["optimizer_s"] = optimizer_s(opt_params, cluster, opt, tensors - dtensors, dtensors)
 
 
-def optimizer_s(params_per_rank, cluster: Cluster, opt: CostOptions):
-    """Seconds of the optimizer update of `params_per_rank` parameters (memory bound)."""
-    bw = cluster.chip.memory_bandwidth_Bps * efficiency_for(cluster.chip.name).memory
-    return params_per_rank * OPTIMIZER_STEP_BYTES[opt.optimizer] / bw
+def optimizer_s(params_per_rank, cluster: Cluster, opt: CostOptions, tensors_per_rank=0.0,
+                dtensors_per_rank=0.0):
+    """Seconds of the optimizer update of `params_per_rank` parameters (memory bound), plus
+    the chip's fixed cost per parameter tensor (plain and distributed tensors)."""
+    eff = efficiency_for(cluster.chip)
+    bw = cluster.chip.memory_bandwidth_Bps * eff.memory
+    per_param = eff.optimizer_bytes_per_param or OPTIMIZER_STEP_BYTES[opt.optimizer]
+    return (params_per_rank * per_param / bw
+            + np.asarray(tensors_per_rank) * eff.optimizer_tensor_s
+            + np.asarray(dtensors_per_rank) * eff.optimizer_dtensor_s)
 
 
 def _rates(out, prof, plans, cluster):

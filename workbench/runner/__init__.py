@@ -17,20 +17,51 @@ __all__ = ["RunError", "RunSpec", "finish", "launch", "prediction_cluster", "run
 
 
 def prediction_cluster(device: str, nproc: int, device_name: str | None = None):
-    """The cluster the prediction uses: this host's calibrated cpu cluster (one level of
-    `nproc` ranks; with more ranks than cores they share them, which the calibration does not
-    see), or one node of the GPU the run found."""
+    """The cluster the prediction uses: this host's calibrated cpu cluster with the figures
+    measured for `nproc` concurrent ranks (`workbench calibrate --world ...`: ranks beyond the
+    cores share them, and the calibration measured them sharing), or one node of the GPU the
+    run found. A cpu world the calibration did not measure is extrapolated from the largest
+    measured one by time sharing (`_shared_cores`), and says so in its source."""
     if device == "cpu":
-        base = hardware.load_cpu_cluster()
-        if nproc <= base.n_chips:
-            return base.with_n_chips(nproc) if nproc != base.n_chips else base
-        level = dataclasses.replace(base.levels[0], size=nproc)
-        return dataclasses.replace(base, levels=(level,), n_chips=nproc)
+        try:
+            return hardware.load_cpu_cluster(nproc)
+        except ValueError:
+            return _shared_cores(nproc)
     chip = hardware.chip_for_nvml_name(device_name or "")
     preset = {"a100-sxm-80gb": "dgx-a100", "h100-sxm": "dgx-h100", "h200-sxm": "dgx-h200",
               "b200": "dgx-b200"}.get(chip.name, "dgx-h100")
     cl = hardware.cluster(preset, nproc)
     return dataclasses.replace(cl, chip=chip)
+
+
+def _shared_cores(nproc: int):
+    """`nproc` ranks from the largest calibrated world of `w` ranks when nproc > w: each rank
+    gets w / nproc of the CPU time that world's ranks had, so rates scale by w / nproc and
+    fixed seconds (dispatch, framework costs, latency) by nproc / w."""
+    base = max([hardware.load_cpu_cluster()] + [hardware.load_cpu_cluster(w) for w in
+                                                 hardware.calibrated_worlds()],
+               key=lambda c: c.n_chips)
+    if nproc <= base.n_chips:
+        return base.with_n_chips(nproc)
+    f = nproc / base.n_chips
+    chip = hardware.chip_to_dict(base.chip)
+    chip["dense_flops_per_s"] = {k: v / f for k, v in chip["dense_flops_per_s"].items()}
+    chip["memory_bandwidth_Bps"] /= f
+    if "efficiency" in chip:
+        eff = chip["efficiency"]
+        for table in ("dispatch_fwd_s", "dispatch_bwd_s"):
+            eff[table] = {k: v * f for k, v in eff.get(table, {}).items()}
+        for k, v in list(eff.items()):
+            if k.endswith("_s") and isinstance(v, float):
+                eff[k] = v * f
+        eff["source"] = f"EXTRAPOLATED to {nproc} ranks by time sharing: " + eff["source"]
+    chip["source"] = f"EXTRAPOLATED to {nproc} ranks from {base.n_chips}: " + chip["source"]
+    level = dataclasses.replace(base.levels[0], size=nproc, latency_s=base.levels[0].latency_s * f,
+                                bandwidth_Bps=base.levels[0].bandwidth_Bps / f,
+                                source=f"EXTRAPOLATED to {nproc} ranks by time sharing from "
+                                       f"{base.n_chips}; " + base.levels[0].source)
+    return dataclasses.replace(base, chip=hardware.chip_from_dict(chip, "extrapolated chip"),
+                               levels=(level,), n_chips=nproc)
 
 
 def measurement_samples(out: dict) -> list[tuple]:

@@ -1,0 +1,126 @@
+"""The CPU validation set: every point trained for real, beside its calibrated prediction.
+
+Run: .venv/bin/python benchmarks/cpu_validation.py [--world 2,4] [--only SUBSTRING]
+     [--steps 8] [--warmup 2] [--json FILE]
+
+Each point (a model flavour with its overrides, a plan, a world size) runs with
+`workbench.runner.run` (gloo, one torch thread per rank; `steps` timed steps after `warmup`,
+median step time) and is predicted by the cost model with the calibrated `cpu` profile
+(`workbench/data/cpu.json`, `workbench calibrate`; `run` returns the prediction). The table
+gives measured and predicted step times and the error (predicted / measured - 1), then the
+largest and the median absolute error against the targets (15% and 8%). Failed points are
+listed and left out of the summary. Timings are noisy on a shared 2-core machine: rerun on a
+quiet one for the figures that count.
+
+The set is `studies/cpu-validation.toml` (111 points): every model family under DP and FSDP;
+TP for the transformer families; PP for the families the runner splits; CP for Llama, GPT
+and ViT; at world 2 and 4 (4 ranks share the 2 cores). `workbench study run` on the same file
+stores the same runs beside their predictions and simulations.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from workbench import costmodel, models  # noqa: E402
+from workbench.plan import Plan  # noqa: E402
+
+TARGET_MAX, TARGET_MEDIAN = 0.15, 0.08
+"""Largest and median absolute error the calibrated CPU profile is to reach."""
+
+STUDY = Path(__file__).resolve().parents[1] / "studies" / "cpu-validation.toml"
+"""The validation set: the points of this study (its header says how they were chosen)."""
+
+
+def points(worlds=(2, 4)) -> list[dict]:
+    """Every point of `studies/cpu-validation.toml` at the given world sizes:
+    {model, overrides, plan, world}."""
+    from workbench.study import load
+    return [{"model": p.model, "overrides": p.overrides, "plan": p.plan, "world": p.chips}
+            for p in load(STUDY).points if p.chips in worlds]
+
+
+def check(point: dict) -> str | None:
+    """Why a point is impossible (the plan's rules), or None."""
+    try:
+        cfg = models.get(point["model"], **point["overrides"])
+        Plan.parse(point["plan"]).validate(point["world"], costmodel.graph(cfg))
+    except ValueError as e:
+        return str(e).splitlines()[0]
+    return None
+
+
+def measure(point: dict, steps: int, warmup: int) -> dict:
+    """Run one point; its measured and predicted step times (or the error)."""
+    from workbench.runner import run
+    why = check(point)
+    if why:
+        return {**point, "error": why}
+    try:
+        out = run(point["model"], point["plan"], point["world"], overrides=point["overrides"],
+                  steps=steps, warmup=warmup, timeout_s=300)
+    except Exception as e:  # a failed run is reported, not fatal
+        return {**point, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    measured, predicted = out["step_time_s"], out["predicted"]["step_time_s"]
+    return {**point, "measured_s": measured, "predicted_s": predicted,
+            "error_rel": predicted / measured - 1, "step_times_s": out["step_times_s"],
+            "breakdown_s": out["predicted"]["breakdown_s"]}
+
+
+def table(rows: list[dict]) -> str:
+    """The printed table and summary."""
+    lines = [f"{'model':15s} {'plan':34s} {'world':>5s} {'measured':>10s} {'predicted':>10s} "
+             f"{'error':>7s}"]
+    for r in rows:
+        head = f"{r['model']:15s} {r['plan']:34s} {r['world']:5d}"
+        if "error" in r:
+            lines.append(f"{head}  FAILED: {r['error']}")
+        else:
+            lines.append(f"{head} {r['measured_s'] * 1e3:8.2f}ms {r['predicted_s'] * 1e3:8.2f}ms "
+                         f"{100 * r['error_rel']:+6.1f}%")
+    errors = [abs(r["error_rel"]) for r in rows if "error_rel" in r]
+    if errors:
+        worst = max(errors)
+        median = statistics.median(errors)
+        within = sum(e <= TARGET_MAX for e in errors)
+        lines.append(f"\n{len(errors)} points ({len(rows) - len(errors)} failed): max |error| "
+                     f"{100 * worst:.1f}% (target {100 * TARGET_MAX:.0f}%), median |error| "
+                     f"{100 * median:.1f}% (target {100 * TARGET_MEDIAN:.0f}%), {within} within "
+                     f"{100 * TARGET_MAX:.0f}%")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """Run the set (or the points matching --only) and print the table."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--world", default="2,4", help="world sizes, e.g. 2,4")
+    ap.add_argument("--only", default="", help="only points whose 'model plan' contains this")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--json", default=None, help="also write every row to this file")
+    args = ap.parse_args(argv)
+    worlds = tuple(int(w) for w in args.world.split(","))
+    rows = []
+    start = time.perf_counter()
+    for p in points(worlds):
+        if args.only and args.only not in f"{p['model']} {p['plan']}":
+            continue
+        rows.append(measure(p, args.steps, args.warmup))
+        r = rows[-1]
+        note = r.get("error") or f"{r['measured_s'] * 1e3:.2f} ms vs {r['predicted_s'] * 1e3:.2f} ms"
+        print(f"  [{time.perf_counter() - start:6.0f} s] {p['model']} {p['plan']} w{p['world']}: "
+              f"{note}", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""`workbench calibrate`: the fits (exact on synthetic data), the profile file, errors, a quick
+end-to-end run, and that predictions use the calibrated figures. Never asserts on wall time:
+the accuracy against measured runs is `benchmarks/cpu_validation.py`'s table."""
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from workbench import calibrate, costmodel, hardware, models
+from workbench.calibrate_collectives import fit_collectives, merge_ranks
+from workbench.costmodel.efficiency import (Curve, efficiency_for, efficiency_from_dict,
+                                            efficiency_to_dict)
+
+PEAK = 1e11
+
+
+def test_fit_curve_is_exact_on_points_of_a_curve():
+    # seconds = (F + F_half) / (peak x e_max) with e_max 0.8, F_half 1e6
+    flops = np.array([1e5, 1e6, 1e7, 1e8])
+    seconds = (flops + 1e6) / (PEAK * 0.8)
+    e_max, half = calibrate.fit_curve(flops, seconds, PEAK)
+    assert e_max == pytest.approx(0.8, rel=1e-9) and half == pytest.approx(1e6, rel=1e-9)
+    # the fitted curve gives back the measured fractions: e = F / (peak x seconds)
+    assert Curve(e_max, half)(flops) == pytest.approx(flops / (PEAK * seconds), rel=1e-9)
+
+
+def test_fit_curve_refuses_too_few_sizes_and_bad_values():
+    with pytest.raises(ValueError, match=">= 2 distinct sizes"):
+        calibrate.fit_curve([1e6], [1e-5], PEAK)
+    with pytest.raises(ValueError, match="must be > 0"):
+        calibrate.fit_curve([1e6, 2e6], [1e-5, -1e-5], PEAK)
+
+
+def test_width_term_is_exact_on_synthetic_narrow_ops():
+    # width_sat 32: an op 8 wide streams at fill 8/32 = 0.25 of the curve's rate:
+    # seconds = F / (peak e_max 0.25) + F_half / (peak e_max)
+    e_max, half = 0.5, 2e5
+    flops = [1e6, 4e6]
+    seconds = [f / (PEAK * e_max * 0.25) + half / (PEAK * e_max) for f in flops]
+    assert calibrate.fit_width(flops, [8, 8], seconds, (e_max, half), PEAK) == pytest.approx(32)
+    c = Curve(e_max, half, width_sat=32)
+    # e = e_max F / (F / fill + F_half) = 0.5 x 1e6 / (4e6 + 2e5)
+    assert float(c(1e6, 8)) == pytest.approx(0.5 * 1e6 / (4e6 + 2e5))
+    assert float(c(1e6, 64)) == pytest.approx(float(Curve(e_max, half)(1e6)))  # wide: no effect
+
+
+def test_fit_collectives_is_exact_on_the_formula():
+    # world 2: all-reduce 2 hops and wire 2(n-1)/n = 1; all-gather/reduce-scatter/broadcast/
+    # send-recv 1 hop, wire 1/2, 1/2, 1, 1
+    call, lat, bw = 20e-6, 100e-6, 2e9
+    hops = {"all_reduce": 2, "all_gather": 1, "reduce_scatter": 1, "broadcast": 1, "send_recv": 1}
+    wire = {"all_reduce": 1.0, "all_gather": 0.5, "reduce_scatter": 0.5, "broadcast": 1.0,
+            "send_recv": 1.0}
+    rows = [{"kind": k, "bytes": b, "seconds": call + hops[k] * lat + wire[k] * b / bw}
+            for k in hops for b in (32, 2**16, 2**20, 2**24)]
+    fit = fit_collectives(rows, 2)
+    assert fit["call_s"] == pytest.approx(call, rel=1e-6)
+    assert fit["latency_s"] == pytest.approx(lat, rel=1e-6)
+    assert fit["bandwidth_Bps"] == pytest.approx(bw, rel=1e-6)
+
+
+def test_fit_dispatch_recovers_per_kind_costs_from_blocks():
+    # blocks: {linear, elementwise} (2 linear + 1 elementwise), (1 linear + 2 elementwise),
+    # (1 norm + 1 linear); dispatch linear 10 us, elementwise 3 us, norm 7 us forward, twice
+    # that backward; kernels 1 us per op.
+    true = {"linear": 10e-6, "elementwise": 3e-6, "norm": 7e-6}
+    ops = {"a": ["linear", "linear", "elementwise"], "b": ["linear", "elementwise", "elementwise"],
+           "c": ["norm", "linear"]}
+    blocks = {n: {"fwd_s": sum(true[k] + 1e-6 for k in ks),
+                  "bwd_s": sum(2 * true[k] + 1e-6 for k in ks),
+                  "ops": [[k, {}] for k in ks]} for n, ks in ops.items()}
+    fit = calibrate.fit_dispatch(blocks, lambda kind, shape, backward: 1e-6)
+    for kind, v in true.items():
+        assert fit["fwd_s"][kind] == pytest.approx(v, rel=1e-9)
+        assert fit["bwd_s"][kind] == pytest.approx(2 * v, rel=1e-9)
+
+
+def test_merge_ranks_takes_medians_and_keeps_structure():
+    ranks = [{"a": 1.0, "b": [{"x": 3.0, "k": "n"}], "s": "r0"},
+             {"a": 5.0, "b": [{"x": 1.0, "k": "n"}], "s": "r1"},
+             {"a": 2.0, "b": [{"x": 2.0, "k": "n"}], "s": "r2"}]
+    assert merge_ranks(ranks) == {"a": 2.0, "b": [{"x": 2.0, "k": "n"}], "s": "r0"}
+
+
+# ----------------------------------------------------------------------------- profile files
+
+def _efficiency(**extra) -> dict:
+    """A synthetic calibrated efficiency table (round numbers)."""
+    curve = {"e_max": 0.5, "half_flops": 0.0, "width_sat": 0.0}
+    d = {"source": "synthetic test figures", "memory": 1.0, "op_overhead_s": 1e-5,
+         "curves": {k: dict(curve) for k in ("linear", "attention", "conv", "lstm")},
+         "dispatch_fwd_s": {"linear": 2e-5}, "dispatch_bwd_s": {"linear": 4e-5},
+         "optimizer_tensor_s": 3e-5, "optimizer_bytes_per_param": 40.0}
+    d.update(extra)
+    return d
+
+
+def _profile(efficiency=None) -> dict:
+    """A profile file with a 2-rank host world and a 4-rank shared-cores world."""
+    def chip(flops):
+        return {"name": "cpu", "dense_flops_per_s": {"fp32": flops, "bf16": 2 * flops},
+                "memory_bytes": 2**34, "memory_bandwidth_Bps": 1e10, "nvml_names": [],
+                "source": "Measured (synthetic)", "efficiency": efficiency or _efficiency()}
+
+    def level(n, lat):
+        return {"name": "node", "size": n, "bandwidth_Bps": 1e9, "latency_s": lat,
+                "oversubscription": 1.0, "source": "synthetic gloo figures"}
+    return {"chip": chip(1e11), "host_level": level(2, 1e-4),
+            "worlds": [{"ranks": 2, "chip": chip(1e11), "level": level(2, 1e-4)},
+                       {"ranks": 4, "chip": chip(5e10), "level": level(4, 3e-4)}],
+            "measurement": {"note": "synthetic"}}
+
+
+def test_profile_round_trip_gives_the_same_clusters_and_efficiency(tmp_path):
+    path = tmp_path / "profile.json"
+    calibrate.write_profile(_profile(), path)
+    host = hardware.load_cpu_cluster(path=path)
+    assert host.n_chips == 2 and host.levels[0].latency_s == 1e-4
+    four = hardware.load_cpu_cluster(4, path=path)
+    assert four.chip.peak_flops_per_s("fp32") == 5e10 and four.levels[0].latency_s == 3e-4
+    assert hardware.calibrated_worlds(path) == (2, 4)
+    # the chip carries its efficiency, which the cost model reads back
+    eff = efficiency_for(four.chip)
+    assert eff.dispatch_s("linear") == 2e-5 and eff.dispatch_s("linear", backward=True) == 4e-5
+    assert eff.dispatch_s("norm") == 1e-5 and eff.optimizer_tensor_s == 3e-5
+    assert efficiency_from_dict(efficiency_to_dict(eff)) == eff
+    # `--cluster FILE`: a calibration profile loads as a cluster file, at the asked world size
+    assert hardware.load_cluster(path) == host
+    assert hardware.load_cluster(path, 4) == four
+    # and the chip survives the cluster-table format too (save_cluster / load_cluster)
+    hardware.save_cluster(four, tmp_path / "c.json")
+    assert hardware.load_cluster(tmp_path / "c.json") == four
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda p: p.pop("host_level"), "missing key 'host_level'"),
+    (lambda p: p["worlds"][1].pop("ranks"), r"worlds\[1\]: missing key 'ranks'"),
+    (lambda p: p["worlds"][1]["level"].update(size=3),
+     r"worlds\[1\].level.size \(3\) must equal worlds\[1\].ranks \(4\)"),
+    (lambda p: p["worlds"][1]["chip"]["efficiency"].update(bogus=1), "efficiency: unknown key 'bogus'"),
+    (lambda p: p["worlds"][1]["chip"]["efficiency"]["curves"].pop("conv"), "efficiency.curves: missing key 'conv'"),
+    (lambda p: p["worlds"][1]["chip"]["efficiency"]["curves"]["linear"].update(e_max=-1),
+     r"efficiency.curves.linear.e_max must be > 0"),
+    (lambda p: p["worlds"][1]["chip"]["efficiency"]["dispatch_fwd_s"].update(matmul=1e-5),
+     "efficiency.dispatch_fwd_s: op kind 'matmul' is not one of"),
+    (lambda p: p["worlds"][1]["chip"]["efficiency"].update(comm_overlap=1.5),
+     r"efficiency.comm_overlap must be >= 0 and <= 1"),
+])
+def test_bad_profile_fields_are_named(tmp_path, change, message):
+    profile = _profile()
+    change(profile)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(profile))
+    with pytest.raises(ValueError, match=message):
+        hardware.load_cpu_cluster(4, path=path)
+
+
+def test_an_uncalibrated_world_is_refused_with_the_rule(tmp_path):
+    path = tmp_path / "profile.json"
+    calibrate.write_profile(_profile(), path)
+    with pytest.raises(ValueError, match=r"n_chips \(3\) must be <= 2, the cores of the calibrated "
+                                         r"host .*calibrated with shared cores \(2, 4\)"):
+        hardware.load_cpu_cluster(3, path=path)
+
+
+# ----------------------------------------------------------------------------- predictions
+
+def test_prediction_uses_the_calibrated_figures(tmp_path):
+    # Synthetic profile: every curve e = 0.5 (no F_half, no width term), linear dispatch 20 us
+    # forward / 40 us backward, every other kind 10 us, memory 1e10 B/s; peak 1e11 FLOP/s.
+    path = tmp_path / "profile.json"
+    calibrate.write_profile(_profile(), path)
+    cluster = hardware.load_cpu_cluster(2, path=path)
+    cfg = models.get("llama-tiny")
+    graph = costmodel.graph(cfg)
+    e = costmodel.estimate(graph, "dp=2,gbs=4,mb=2,dtype=fp32", cluster)
+    expected = 0.0
+    for layer in graph.layers:  # the graph is per sample: a microbatch of 2 doubles FLOPs
+        f, b = 2 * layer.fwd_flops, 2 * layer.bwd_flops  # and bytes; fp32 doubles the bytes
+        moved = (layer.read_bytes + layer.write_bytes) * 2 * 2 / 1e10  # again (graph: 2 B)
+        roof_f = max(f / (1e11 * 0.5), moved) if layer.counted else moved
+        roof_b = max(b / (1e11 * 0.5), 2 * moved) if layer.counted else 2 * moved
+        d_f, d_b = (2e-5, 4e-5) if layer.kind == "linear" else (1e-5, 1e-5)
+        expected += roof_f + roof_b + d_f + d_b
+    # one microbatch per rank (gbs 4 = dp 2 x mb 2): the step's compute is this sum
+    assert e.breakdown_s["compute_s"] == pytest.approx(expected, rel=1e-9)
+    # optimizer: every parameter x 40 bytes / 1e10 B/s + 21 tensors (llama-tiny's) x 30 us
+    model = models.build(cfg)
+    tensors = len(list(model.parameters()))
+    assert tensors == 21
+    params = sum(p.numel() for p in model.parameters())
+    assert e.breakdown_s["optimizer_s"] == pytest.approx(params * 40 / 1e10 + tensors * 3e-5)
+
+
+def test_gpu_presets_carry_no_framework_costs():
+    for name in ("a100-sxm-80gb", "h100-sxm", "b200"):
+        e = efficiency_for(name)
+        assert e.comm_overlap == 1.0 and e.collective_call_s == e.fsdp_gather_s == 0.0
+        assert e.optimizer_tensor_s == e.tp_op_fwd_s == e.pp_action_s == e.cp_step_s == 0.0
+        assert e.dispatch_s("linear") == e.op_overhead_s == 5e-6
+
+
+def test_prediction_cluster_uses_the_world_calibrated_for_the_ranks():
+    from workbench.runner import prediction_cluster
+    for n in hardware.calibrated_worlds():
+        assert prediction_cluster("cpu", n) == hardware.load_cpu_cluster(n)
+    widest = max(hardware.calibrated_worlds())
+    base = hardware.load_cpu_cluster(widest)
+    big = prediction_cluster("cpu", 2 * widest)  # not calibrated: time sharing, labelled
+    assert "EXTRAPOLATED" in big.chip.source and big.n_chips == 2 * widest
+    assert big.chip.peak_flops_per_s("fp32") == pytest.approx(base.chip.peak_flops_per_s("fp32") / 2)
+    assert big.levels[0].latency_s == pytest.approx(2 * base.levels[0].latency_s)
+
+
+def test_the_default_cpu_profile_is_calibrated():
+    cl = hardware.cluster("cpu")
+    eff = efficiency_for(cl.chip)
+    assert "workbench calibrate" in eff.source and eff.optimizer_tensor_s > 0
+    assert {"linear", "conv", "norm", "elementwise"} <= set(eff.dispatch_fwd_s)
+    assert 4 in hardware.calibrated_worlds()
+
+
+# ----------------------------------------------------------------------------- command line
+
+def _parser():
+    p = argparse.ArgumentParser()
+    calibrate.add_command(p.add_subparsers())
+    return p
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["calibrate", "--device", "tpu"], "device must be one of cpu, cuda, got 'tpu'"),
+    (["calibrate", "--world", "2,x"], "--world must be comma-separated integers"),
+    (["calibrate", "--world", "0"], "--world must list world sizes >= 1"),
+])
+def test_bad_arguments_exit_2_naming_the_field(capsys, argv, message):
+    args = _parser().parse_args(argv)
+    assert args.func(args) == 2
+    assert message in capsys.readouterr().out
+
+
+def test_quick_calibrate_writes_a_profile_the_cost_model_loads(tmp_path, capfd):
+    out = tmp_path / "cal.json"
+    args = _parser().parse_args(["calibrate", "--quick", "--world", "2", "--out", str(out)])
+    assert args.func(args) == 0
+    text = capfd.readouterr().out  # rank 0 prints its progress from its own process
+    assert "collectives" in text and f"wrote {out}" in text
+    cluster = hardware.load_cpu_cluster(2, path=out)
+    eff = efficiency_for(cluster.chip)
+    assert cluster.levels[0].size == 2 and cluster.levels[0].bandwidth_Bps > 0
+    assert set(eff.curves_fwd) == {"linear", "batched_matmul", "attention", "conv", "lstm"}
+    assert eff.dispatch_s("linear") > 0 and eff.optimizer_tensor_s > 0
+    e = costmodel.estimate(costmodel.graph("llama-tiny"), "fsdp=2,gbs=4,mb=2,dtype=fp32", cluster)
+    assert e.step_time_s > 0 and e.breakdown_s["fsdp_exposed_s"] > 0

@@ -1,0 +1,616 @@
+"""`workbench calibrate`: measure this device and write a chip and cluster profile file.
+
+What it measures, each figure on every rank of a world of `ranks` concurrent processes (one
+torch thread each on a CPU, so that ranks that share cores are measured sharing them; every
+sample lasts a fixed wall time, so all ranks stay busy together):
+
+- **Peak**: the FLOP/s of a large square matmul, fp32 and bf16 (the chip's dense peak).
+- **Memory bandwidth**: a large copy, read + write bytes over its time.
+- **Kernels**: forward and backward seconds of each fitted op kind of the layer graph
+  (linear, batched matmul, convolution, attention, LSTM) over a range of sizes, each op timed
+  as the slope between chains of 2 and 6 copies (so the backward engine's start and the loss
+  are not charged to it). What a size takes beyond the smallest one is its kernel:
+  `e(F) = e_max F / (F + F_half)` is fitted to the wide sizes by least squares
+  (`fit_curve`), and narrow ones (narrowest GEMM dimension < `WIDE`) give the width term
+  (`fit_width`).
+- **Dispatch**: the fixed seconds per op kind and pass, fitted (`fit_dispatch`) to reference
+  blocks written the way models are (modules in modules, head reshapes, RoPE, residuals)
+  beyond their ops' kernels; the kinds no block holds keep their chain's smallest size.
+- **Optimizer**: `AdamW(foreach=False)` (the runner's) seconds per parameter tensor and bytes
+  moved per parameter.
+- **Collectives and framework costs over the backend** (`calibrate_collectives.py`).
+
+`calibrate_collectives.calibrate(...)` returns the profile in the format of
+`workbench/data/cpu.json` (`chip` with its measured `efficiency`, `host_level`, `worlds`,
+`measurement`), which `hardware.load_cpu_cluster(path=...)`, `hardware.load_cluster` and
+`--cluster FILE` read like any preset; `add_command` adds the `calibrate` subcommand.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+DEVICES = ("cpu", "cuda")
+"""Devices `calibrate` measures."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How much to measure (the `--quick` settings are for tests)."""
+
+    device: str = "cpu"
+    """`cpu` (gloo, one torch thread per rank) or `cuda` (nccl, one GPU per rank)."""
+    worlds: tuple[int, ...] = (2, 4)
+    """World sizes (concurrent ranks) to calibrate; each gets its own figures."""
+    quick: bool = False
+    """Few sizes and repeats: seconds instead of minutes, for tests."""
+    repeats: int = 7
+    """Timed samples per figure (the median is kept)."""
+    min_sample_s: float = 0.02
+    """Each sample runs the op often enough to last at least this long."""
+
+    def __post_init__(self):
+        if self.device not in DEVICES:
+            raise ValueError(f"calibrate: device must be one of {', '.join(DEVICES)}, "
+                             f"got {self.device!r}")
+        if not self.worlds or any(not isinstance(w, int) or isinstance(w, bool) or w < 1
+                                  for w in self.worlds):
+            raise ValueError(f"calibrate: worlds must be integers >= 1, got {self.worlds!r}")
+        if not isinstance(self.repeats, int) or self.repeats < 1:
+            raise ValueError(f"calibrate: repeats must be an integer >= 1, got {self.repeats!r}")
+
+
+# ----------------------------------------------------------------------------- fitting
+
+def fit_curve(flops, seconds, peak_flops_per_s: float) -> tuple[float, float]:
+    """(e_max, half_flops) of `e(F) = e_max F / (F + half_flops)` fitted to kernel times.
+
+    The curve means `seconds = (F + half_flops) / (peak x e_max)`: a line in F. It is fitted by
+    least squares on the relative error (each point weighted by 1 / seconds, so that small
+    and large ops count alike); exact when the points lie on such a line. ValueError when
+    fewer than two sizes, or when the fitted line has a slope or intercept <= 0.
+    """
+    f, t = np.asarray(flops, dtype=float), np.asarray(seconds, dtype=float)
+    if f.shape != t.shape or f.size < 2 or len(np.unique(f)) < 2:
+        raise ValueError("fit_curve: flops and seconds need >= 2 distinct sizes of equal count")
+    if (t <= 0).any() or (f <= 0).any():
+        raise ValueError("fit_curve: flops and seconds must be > 0")
+    w = 1.0 / t
+    a = np.stack([f * w, w], axis=1)
+    slope, intercept = np.linalg.lstsq(a, np.ones_like(t), rcond=None)[0]
+    if slope <= 0:
+        raise ValueError(f"fit_curve: fitted seconds per FLOP {slope:g} must be > 0")
+    intercept = max(intercept, 0.0)  # a kernel has no negative fixed time
+    return float(1.0 / (slope * peak_flops_per_s)), float(intercept / slope)
+
+
+def nnls(a, y):
+    """Least squares with every coefficient >= 0 (active set: drop the most negative)."""
+    a, y = np.asarray(a, dtype=float), np.asarray(y, dtype=float)
+    free = list(range(a.shape[1]))
+    while True:
+        coef = np.zeros(a.shape[1])
+        if free:
+            coef[free] = np.linalg.lstsq(a[:, free], y, rcond=None)[0]
+        negative = [i for i in free if coef[i] < 0]
+        if not negative:
+            return coef
+        free.remove(min(negative, key=lambda i: coef[i]))
+
+
+# ----------------------------------------------------------------------------- timing
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+        torch.cuda.synchronize()
+
+
+def time_call(fn: Callable[[], object], settings: Settings,
+              timed: Callable[[object], float] | None = None) -> float:
+    """Median seconds of one `fn()` call over `repeats` samples, each calling it for
+    `min_sample_s` of wall time (after one warm-up call). Fixed durations keep every rank of
+    a world busy for the same time, so ranks that share cores are measured sharing them.
+    With `timed(result)`, a call's seconds are what `timed` returns (the part of it to time)."""
+    fn()
+    _sync(settings.device)
+    samples = []
+    for _ in range(settings.repeats):
+        start, count, parts = time.perf_counter(), 0, []
+        while True:
+            out = fn()
+            if timed is not None:
+                parts.append(timed(out))
+            count += 1
+            _sync(settings.device)
+            if time.perf_counter() - start >= settings.min_sample_s:
+                break
+        samples.append(statistics.median(parts) if timed is not None
+                       else (time.perf_counter() - start) / count)
+    return statistics.median(samples)
+
+
+def chain_times(make: Callable[[int], Callable], settings: Settings,
+                lengths: tuple[int, int] = (2, 6)) -> tuple[float, float]:
+    """(forward, backward) seconds of ONE op, the slope between chains of `lengths` ops.
+
+    `make(L)` returns `forward`, which runs L ops in a chain and returns the output; backward
+    is the time of forward + `output.sum().backward()` less the forward's (both as rates over
+    a fixed duration, as `time_call`; the slope removes the sum and the engine's start)."""
+    fwd, both = [], []
+    for length in lengths:
+        forward = make(length)
+        fwd.append(time_call(forward, settings))
+        both.append(time_call(lambda: forward().sum().backward(), settings))
+    n = lengths[1] - lengths[0]
+    f = (fwd[1] - fwd[0]) / n
+    return f, (both[1] - both[0]) / n - f
+
+
+# ----------------------------------------------------------------------------- op chains
+# Each maker takes a size tuple and returns make(L) for `chain_times`, and the op's cost-model
+# arguments (`costmodel.ops`), so that the FLOPs fitted are the ones the cost model charges.
+
+def _module_chain(factory, shape, device, combine=None):
+    """make(L) for a chain of L modules from `factory()` applied to a tensor of `shape`
+    (`combine(y, module)` instead of `module(y)` when given)."""
+    import torch
+
+    def make(length):
+        torch.manual_seed(0)
+        mods = [factory() for _ in range(length)]
+        for m in mods:
+            if isinstance(m, torch.nn.Module):
+                m.to(device)
+        x = torch.randn(*shape, device=device, requires_grad=True)
+
+        def forward():
+            y = x
+            for m in mods:
+                y = combine(y, m) if combine else m(y)
+            return y
+        return forward
+    return make
+
+
+def _linear(size, device):
+    from torch import nn
+    m, k = size
+    return (_module_chain(lambda: nn.Linear(k, k), (m, k), device),
+            ("linear", dict(tokens=m, in_features=k, out_features=k)))
+
+
+def _batched_matmul(size, device):
+    import torch
+    e, m, k = size
+    return (_module_chain(lambda: torch.randn(e, k, k, device=device, requires_grad=True),
+                          (e, m, k), device, lambda y, w: torch.bmm(y, w)),
+            ("batched_matmul", dict(batch=e, m=m, k=k, n=k, params=True)))
+
+
+def _conv(size, device):
+    from torch import nn
+    b, c, s, dims = size
+    conv = nn.Conv2d if dims == 2 else nn.Conv3d
+    spatial = (s,) * dims
+    return (_module_chain(lambda: conv(c, c, 3, padding=1), (b, c, *spatial), device),
+            ("conv", dict(batch=b, in_channels=c, out_channels=c, kernel=(3,) * dims,
+                          in_spatial=spatial, out_spatial=spatial)))
+
+
+def _attention(size, device):
+    import torch
+    import torch.nn.functional as F
+    b, h, s, d = size
+
+    def kv():
+        return [torch.randn(b, h, s, d, device=device, requires_grad=True) for _ in range(2)]
+    return (_module_chain(kv, (b, h, s, d), device,
+                          lambda y, t: F.scaled_dot_product_attention(y, t[0], t[1])),
+            ("attention", dict(batch=b, heads=h, q_len=s, kv_len=s, head_dim=d)))
+
+
+def _lstm(size, device):
+    from torch import nn
+    b, seq, h = size
+    return (_module_chain(lambda: nn.LSTM(h, h), (seq, b, h), device, lambda y, m: m(y)[0]),
+            ("lstm", dict(batch=b, seq=seq, input_size=h, hidden=h)))
+
+
+COUNTED_SIZES = {
+    # kind: (maker, full sizes, quick sizes); the first size is the dispatch (tiny) one, and
+    # sizes narrower than `WIDE` in their narrowest GEMM dimension fit the width term
+    "linear": (_linear, [(4, 8), (32, 32), (64, 64), (128, 128), (256, 128), (256, 256),
+                         (512, 512), (1024, 512), (2048, 8), (2048, 16), (1024, 24)],
+               [(4, 8), (32, 32), (128, 128), (256, 256), (2048, 8)]),
+    "batched_matmul": (_batched_matmul, [(2, 4, 8), (4, 32, 32), (4, 64, 64), (8, 128, 128),
+                                         (8, 256, 256), (8, 512, 8), (8, 512, 16)],
+                       [(2, 4, 8), (4, 32, 32), (8, 128, 128), (8, 512, 8)]),
+    "conv": (_conv, [(1, 4, 4, 2), (1, 32, 4, 2), (2, 32, 8, 2), (2, 64, 8, 2), (2, 32, 32, 2),
+                     (2, 64, 32, 2), (2, 32, 64, 2), (2, 16, 8, 3), (2, 32, 16, 3),
+                     (2, 4, 128, 2), (2, 8, 128, 2), (2, 16, 64, 2), (2, 8, 16, 3)],
+             [(1, 4, 4, 2), (2, 32, 32, 2), (2, 32, 16, 3), (2, 8, 64, 2)]),
+    "attention": (_attention, [(1, 2, 4, 8), (2, 4, 16, 32), (2, 4, 32, 16), (2, 4, 64, 32),
+                               (4, 8, 128, 32),
+                               (4, 8, 256, 64), (4, 8, 128, 8), (4, 8, 256, 16)],
+                  [(1, 2, 4, 8), (2, 4, 32, 32), (4, 8, 128, 32), (4, 8, 128, 8)]),
+    "lstm": (_lstm, [(1, 4, 8), (4, 8, 32), (8, 16, 64), (16, 32, 128), (32, 32, 256),
+                     (32, 16, 8), (32, 16, 16)],
+             [(1, 4, 8), (4, 8, 32), (16, 32, 128), (32, 16, 8)]),
+}
+"""Sizes of the fitted op kinds: linear (tokens, width), batched matmul (batch, m, k),
+convolution (batch, channels, spatial, 2-D or 3-D), attention (batch, heads, seq, head dim),
+LSTM (batch, seq, hidden)."""
+
+WIDE = 32
+"""Sizes whose narrowest GEMM dimension is at least this fit the FLOP curve; narrower ones
+measure the width term."""
+
+
+def _dispatch_makers(device) -> dict[str, list]:
+    """Per op kind, chains of PyTorch's tiny modules of that kind (the median is kept)."""
+    import torch
+    from torch import nn
+    flat, image = (4, 8), (2, 4, 4, 4)
+
+    def leaf(shape):
+        return lambda: torch.randn(*shape, device=device, requires_grad=True)
+    idx = torch.randint(0, 16, (4,), device=device)
+    return {
+        "norm": [_module_chain(lambda: nn.LayerNorm(8), flat, device),
+                 _module_chain(lambda: nn.RMSNorm(8), flat, device),
+                 _module_chain(lambda: nn.BatchNorm2d(4), image, device),
+                 _module_chain(lambda: nn.GroupNorm(2, 4), image, device)],
+        "elementwise": [_module_chain(nn.ReLU, flat, device),
+                        _module_chain(nn.GELU, flat, device),
+                        _module_chain(nn.SiLU, flat, device),
+                        _module_chain(leaf(flat), flat, device, lambda y, c: y + c),
+                        _module_chain(leaf(flat), flat, device, lambda y, c: y * c)],
+        "pool": [_module_chain(lambda: nn.MaxPool2d(3, 1, 1), image, device),
+                 _module_chain(lambda: nn.AvgPool2d(3, 1, 1), image, device)],
+        "dropout": [_module_chain(lambda: nn.Dropout(0.1), flat, device)],
+        "embedding": [_module_chain(lambda: nn.Embedding(16, 8), flat, device,
+                                    lambda y, e: y + e(idx))],
+    }
+
+
+def measure_kernels(settings: Settings, log: Callable[[str], None] = print,
+                    sync: Callable[[], None] = lambda: None) -> dict:
+    """Per op kind: dispatch seconds (forward, backward) and, for the fitted kinds, every
+    size's FLOPs and seconds. Keys: `<kind>` -> {`fwd_s`, `bwd_s`, `sizes`: [{flops_fwd,
+    flops_bwd, fwd_s, bwd_s}]}."""
+    import torch
+    from .costmodel.ops import cost
+    torch.manual_seed(0)
+    out: dict[str, dict] = {}
+    for kind, (maker, full, quick) in COUNTED_SIZES.items():
+        rows = []
+        for size in (quick if settings.quick else full):
+            sync()
+            make, (op, shape) = maker(size, settings.device)
+            f, b = chain_times(make, settings)
+            c = cost(op, **shape, dtype_bytes=4)
+            rows.append({"size": list(size), "flops_fwd": c.fwd_flops, "flops_bwd": c.bwd_flops,
+                         "width": op_width(op, shape), "fwd_s": f, "bwd_s": b})
+        out[kind] = {"fwd_s": rows[0]["fwd_s"], "bwd_s": rows[0]["bwd_s"], "sizes": rows}
+        log(f"  {kind:15s} dispatch fwd {rows[0]['fwd_s'] * 1e6:7.1f} us  "
+            f"bwd {rows[0]['bwd_s'] * 1e6:7.1f} us  ({len(rows)} sizes)")
+    for kind, makers in _dispatch_makers(settings.device).items():
+        sync()
+        times = [chain_times(make, settings) for make in makers]
+        f = statistics.median(t[0] for t in times)
+        b = statistics.median(t[1] for t in times)
+        if kind == "embedding":  # the chain adds each lookup to the running sum: remove the add
+            f, b = f - out["elementwise_add"][0], b - out["elementwise_add"][1]
+        out[kind] = {"fwd_s": f, "bwd_s": b, "modules": [list(t) for t in times]}
+        if kind == "elementwise":
+            out["elementwise_add"] = times[3]
+        log(f"  {kind:15s} dispatch fwd {f * 1e6:7.1f} us  bwd {b * 1e6:7.1f} us")
+    out.pop("elementwise_add")
+    return out
+
+
+def op_width(kind: str, shape: dict) -> float:
+    """The narrowest GEMM dimension of an op (`costmodel.engine`'s definition)."""
+    from .costmodel.engine import _width
+    from .costmodel.graph import make_layer
+    return float(_width(make_layer("op", kind, **shape)))
+
+
+def fit_width(flops, widths, seconds, curve: tuple[float, float], peak: float) -> float:
+    """`width_sat` from narrow ops: an op of width w streams its FLOPs at fill = w / width_sat
+    of the curve's rate, seconds = F / (peak e_max fill) + half / (peak e_max); the median of
+    w / fill over the ops slower than the curve (0 when none is)."""
+    e_max, half = curve
+    sat = []
+    for f, w, t in zip(flops, widths, seconds):
+        stream = t - half / (peak * e_max)
+        fill = f / (peak * e_max) / stream if stream > 0 else 0.0
+        if 0 < fill < 1:
+            sat.append(w / fill)
+    return float(statistics.median(sat)) if sat else 0.0
+
+
+def kernel_curves(kernels: dict, peak_flops_per_s: float) -> dict:
+    """Fitted curves per fitted kind and pass (`<kind>_fwd`, `<kind>_bwd`: e_max, half_flops,
+    width_sat) from `measure_kernels` output: the kernel is what each size takes beyond the
+    kind's dispatch (its smallest size); wide sizes fit the FLOP curve, narrow ones the width.
+    When noise leaves no positive slope, the curve is the largest size's rate (no F_half)."""
+    curves = {}
+    for kind in COUNTED_SIZES:
+        rows = kernels[kind]["sizes"][1:]
+        for pass_ in ("fwd", "bwd"):
+            base = kernels[kind][f"{pass_}_s"]
+            pts = [(r[f"flops_{pass_}"], r["width"], max(r[f"{pass_}_s"] - base, 1e-9))
+                   for r in rows]
+            wide = [p for p in pts if p[1] >= WIDE]
+            narrow = [p for p in pts if p[1] < WIDE]
+            try:
+                e_max, half = fit_curve([p[0] for p in wide], [p[2] for p in wide],
+                                        peak_flops_per_s)
+            except ValueError:  # noise hid the slope: the rate of the largest size, no F_half
+                f, _, t = max(wide)
+                e_max, half = f / (peak_flops_per_s * t), 0.0
+            e_max = min(max(e_max, 1e-3), 2.0)  # a noisy peak cannot make it absurd
+            width = fit_width(*zip(*narrow), (e_max, half), peak_flops_per_s) if narrow else 0.0
+            curves[f"{kind}_{pass_}"] = {"e_max": e_max, "half_flops": half, "width_sat": width}
+    return curves
+
+
+# ----------------------------------------------------------------------------- chip figures
+
+def measure_peak(settings: Settings) -> dict[str, float]:
+    """Dense peak FLOP/s per dtype: a large square matmul (2 n^3 FLOPs), fp32 and bf16."""
+    import torch
+    n = 512 if settings.quick else 2048
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(n, n, device=settings.device).to(dtype)
+        b = torch.randn(n, n, device=settings.device).to(dtype)
+        out[name] = 2 * n**3 / time_call(lambda: torch.mm(a, b), settings)
+    return out
+
+
+def measure_memory_bandwidth(settings: Settings) -> float:
+    """Bytes/s of a large copy (`dst.copy_(src)`), counting the read and the write."""
+    import torch
+    n = (16 if settings.quick else 128) * 2**20 // 4
+    src = torch.randn(n, device=settings.device)
+    dst = torch.empty_like(src)
+    return 2 * 4 * n / time_call(lambda: dst.copy_(src), settings)
+
+
+def optimizer_tensor_s(params: list, settings: Settings) -> float:
+    """Seconds per parameter tensor of `AdamW(foreach=False).step()` over `params` (which
+    have gradients): the step time divided by the tensors (tiny tensors: the bytes are
+    negligible)."""
+    import torch
+    opt = torch.optim.AdamW(params, lr=1e-4, foreach=False)
+    return time_call(opt.step, settings) / len(params)
+
+
+def measure_optimizer(settings: Settings) -> dict:
+    """AdamW(foreach=False) on this device: `tensor_s` per parameter tensor (32 tensors of 64
+    elements: the bytes are negligible) and `bytes_per_param` it moves (4 tensors of 2^18
+    elements, less their per-tensor time, at the measured memory bandwidth: `bandwidth_Bps`)."""
+    import torch
+
+    def params(count, size):
+        ps = [torch.nn.Parameter(torch.randn(size, device=settings.device)) for _ in range(count)]
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        return ps
+    tensor_s = optimizer_tensor_s(params(32, 64), settings)
+    n = 2**16 if settings.quick else 2**18
+    big = optimizer_tensor_s(params(4, n), settings)
+    return {"tensor_s": tensor_s, "param_s": max(0.0, big - tensor_s) / n}
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse_worlds(text: str) -> tuple[int, ...]:
+    """`"2,4"` -> (2, 4); ValueError naming `--world` for anything else."""
+    try:
+        worlds = tuple(int(w) for w in str(text).split(",") if w.strip())
+    except ValueError:
+        raise ValueError(f"--world must be comma-separated integers, got {text!r}") from None
+    if not worlds or min(worlds) < 1:
+        raise ValueError(f"--world must list world sizes >= 1, got {text!r}")
+    return worlds
+
+
+def write_profile(profile: dict, path: str | Path) -> None:
+    """Write a profile (JSON), after checking that it loads as a cluster."""
+    from . import hardware
+    path = Path(path)
+    if path.suffix != ".json":
+        raise ValueError(f"--out {path}: the profile file name must end in .json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(profile, indent=2) + "\n")
+    try:
+        for ranks in [None] + [w["ranks"] for w in profile.get("worlds", [])]:
+            hardware.load_cpu_cluster(ranks, path=tmp)
+    except ValueError:
+        tmp.unlink()
+        raise
+    os.replace(tmp, path)
+
+
+def cmd_calibrate(args) -> int:
+    """`workbench calibrate`: measure, write the profile, print where it went."""
+    from .calibrate_collectives import calibrate
+    try:
+        settings = Settings(device=args.device, worlds=parse_worlds(args.world),
+                            quick=args.quick, repeats=3 if args.quick else 7,
+                            min_sample_s=0.002 if args.quick else 0.02)
+    except ValueError as e:
+        print(f"error: {e}")
+        return 2
+    if settings.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            print("error: --device cuda: no CUDA device is visible to torch")
+            return 2
+    start = time.perf_counter()
+    profile = calibrate(settings)
+    write_profile(profile, args.out)
+    chip = profile["chip"]
+    print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s: fp32 peak "
+          f"{chip['dense_flops_per_s']['fp32'] / 1e9:.1f} GFLOP/s, memory "
+          f"{chip['memory_bandwidth_Bps'] / 1e9:.1f} GB/s, worlds "
+          f"{', '.join(str(w['ranks']) for w in profile['worlds'])}")
+    return 0
+
+
+def add_command(subparsers) -> argparse.ArgumentParser:
+    """Add `calibrate` to a `workbench` argparse subparsers object (func(args) -> exit code)."""
+    p = subparsers.add_parser("calibrate", help="measure this device; write a chip and cluster "
+                                                "profile the cost model loads like a preset")
+    p.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl)")
+    p.add_argument("--out", default="calibration.json", help="profile file to write (.json); "
+                   "workbench/data/cpu.json is the default cpu profile")
+    p.add_argument("--world", default="2,4", help="world sizes to calibrate, e.g. 2,4 (ranks "
+                   "beyond the cores share them); the one-rank-per-core world is always added")
+    p.add_argument("--quick", action="store_true", help="few sizes and repeats (tests)")
+    p.set_defaults(func=cmd_calibrate)
+    return p
+
+
+# ----------------------------------------------------------------------------- reference blocks
+# Per-op dispatch as models pay it: small blocks written the way PyTorch models are (modules
+# inside modules, 3-D activations, head reshapes around attention, RoPE as rotate-half), each
+# listed as the layer-graph ops the cost model charges for it. The per-kind dispatch is fitted
+# to their seconds, beyond their ops' kernel time, by non-negative least squares.
+
+def _blocks(device) -> dict:
+    """name -> (make(L) of a chain of L blocks, [(op kind, cost-model shape)] of one block)."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    b, s, d, c, hw = 2, 16, 32, 8, 8
+    t = b * s
+    lin = lambda i, o: ("linear", dict(tokens=t, in_features=i, out_features=o))  # noqa: E731
+    elem = ("elementwise", dict(elements=t * d))
+    norm = ("norm", dict(elements=t * d, channels=d))
+    conv = ("conv", dict(batch=b, in_channels=c, out_channels=c, kernel=(3, 3),
+                         in_spatial=(hw, hw), out_spatial=(hw, hw)))
+    img = ("elementwise", dict(elements=b * c * hw * hw))
+    bn = ("norm", dict(elements=b * c * hw * hw, channels=c))
+
+    class Attn(nn.Module):
+        def __init__(self, rope=False, causal=False):
+            super().__init__()
+            self.norm, self.qkv, self.proj = nn.LayerNorm(d), nn.Linear(d, 3 * d), nn.Linear(d, d)
+            self.rope, self.causal = rope, causal
+
+        def forward(self, x):
+            q, k, v = self.qkv(self.norm(x)).view(b, s, 3, 4, d // 4).permute(2, 0, 3, 1, 4)
+            if self.rope:
+                q, k = _rope(q), _rope(k)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+            return x + self.proj(y.transpose(1, 2).reshape(b, s, d))
+
+    def _rope(x):  # GPT-NeoX rotate-half with fixed angles
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    cos = torch.cos(torch.arange(s * d // 4, device=device).view(s, d // 4) * 0.01)
+    sin = torch.sin(torch.arange(s * d // 4, device=device).view(s, d // 4) * 0.01)
+
+    class Seq(nn.Sequential):
+        def forward(self, x):
+            return x + super().forward(x) if self.residual else super().forward(x)
+
+    def seq(*mods, residual=False):
+        m = Seq(*mods)
+        m.residual = residual
+        return m
+
+    class SwiGLU(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1, self.w3, self.w2 = nn.Linear(d, 2 * d), nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+        def forward(self, x):
+            return x + self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    class Embed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(64, d)
+            self.idx = torch.randint(0, 64, (b, s), device=device)
+
+        def forward(self, x):
+            return x + self.emb(self.idx)
+
+    class LSTM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(d, d, batch_first=True)
+
+        def forward(self, x):
+            return self.lstm(x)[0]
+    attn = [norm, lin(d, 3 * d), ("attention", dict(batch=b, heads=4, q_len=s, kv_len=s,
+                                                   head_dim=d // 4)), lin(d, d), elem]
+    tokens, image = (b, s, d), (b, c, hw, hw)
+    return {
+        "mlp": (lambda: seq(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d), residual=True),
+                tokens, [("linear", lin(d, 2 * d)[1]), elem, lin(2 * d, d), elem]),
+        "attention": (lambda: Attn(), tokens, attn),
+        "attention_rope": (lambda: Attn(rope=True, causal=True), tokens, attn + [elem]),
+        "swiglu": (SwiGLU, tokens, [lin(d, 2 * d), lin(d, 2 * d), elem, lin(2 * d, d), elem]),
+        "linear_dropout": (lambda: seq(nn.Linear(d, d), nn.ReLU(), nn.Dropout(0.1)), tokens,
+                           [lin(d, d), elem, ("dropout", dict(elements=t * d))]),
+        "norm_linear": (lambda: seq(nn.RMSNorm(d), nn.Linear(d, d), residual=True), tokens,
+                        [norm, lin(d, d), elem]),
+        "embed": (Embed, tokens, [("embedding", dict(tokens=t, num_embeddings=64, dim=d)), elem]),
+        "lstm": (LSTM, tokens, [("lstm", dict(batch=b, seq=s, input_size=d, hidden=d))]),
+        "conv_bn_relu": (lambda: seq(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU()),
+                         image, [conv, bn, img]),
+        "conv_relu_pool": (lambda: seq(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
+                                       nn.MaxPool2d(3, 1, 1)), image,
+                           [conv, img, ("pool", dict(batch=b, channels=c, kernel=(3, 3),
+                                                     in_spatial=(hw, hw), out_spatial=(hw, hw)))]),
+        "residual_conv": (lambda: seq(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
+                                      nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c),
+                                      residual=True), image, [conv, bn, img, conv, bn, img]),
+    }
+
+
+def measure_blocks(settings: Settings, sync: Callable[[], None] = lambda: None) -> dict:
+    """Forward and backward seconds of one reference block (slope of chains of 1 and 3) and
+    its ops: name -> {fwd_s, bwd_s, ops: [[kind, shape]]}."""
+    import torch
+    torch.manual_seed(0)
+    out = {}
+    for name, (factory, shape, ops) in _blocks(settings.device).items():
+        sync()
+        f, b = chain_times(_module_chain(factory, shape, settings.device), settings, (1, 3))
+        out[name] = {"fwd_s": f, "bwd_s": b, "ops": [[k, sh] for k, sh in ops]}
+    return out
+
+
+def fit_dispatch(blocks: dict, kernel_s: Callable[[str, dict, bool], float]) -> dict:
+    """Per op kind (forward, backward) dispatch seconds that best explain the reference blocks:
+    block seconds - its ops' kernel seconds (`kernel_s(kind, shape, backward)`) = sum of its
+    ops' dispatch, solved by least squares on relative errors with every figure >= 0."""
+    kinds = sorted({k for v in blocks.values() for k, _ in v["ops"]})
+    out = {}
+    for backward, key in ((False, "fwd_s"), (True, "bwd_s")):
+        a = np.array([[sum(k == kind for k, _ in v["ops"]) for kind in kinds]
+                      for v in blocks.values()], dtype=float)
+        y = np.array([v[key] - sum(kernel_s(k, sh, backward) for k, sh in v["ops"])
+                      for v in blocks.values()])
+        w = 1.0 / np.maximum(np.abs([v[key] for v in blocks.values()]), 1e-9)
+        coef = nnls(a * w[:, None], y * w)  # relative errors
+        out[key] = {kind: float(v) for kind, v in zip(kinds, coef)}
+    return out

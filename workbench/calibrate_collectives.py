@@ -1,0 +1,582 @@
+"""The measurements of `workbench calibrate` that need a world of ranks.
+
+`run_world(ranks, settings)` starts `ranks` processes (gloo over 127.0.0.1 with one torch
+thread each on a CPU, nccl with one GPU each on CUDA), and every rank measures at the same
+time as the others, so that ranks sharing cores are measured sharing them:
+
+- the chip figures of `calibrate.py` (peak, memory bandwidth, per-op dispatch and kernels,
+  optimizer per tensor);
+- collectives (all-reduce, all-gather, reduce-scatter, broadcast, a ring shift of
+  send/recv pairs) over a range of sizes: the fixed cost per call, the latency per hop and
+  the bandwidth of `comm.py`'s formula are fitted to them (`fit_collectives`);
+- how much of a collective hides behind compute (an all-reduce started asynchronously while
+  the rank runs matmuls);
+- framework costs, each from several sizes of a tiny synthetic model so that fixed start-up
+  costs cancel: DDP per microbatch, parameter tensor and step, FSDP2 per unit all-gather and
+  reduction, distributed-tensor ops under tensor parallelism, pipeline-schedule actions,
+  ring-attention steps, and AdamW on distributed-tensor parameters.
+
+Every rank returns its figures; the parent keeps the median over ranks.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import queue as queue_mod
+import statistics
+import time
+import traceback
+
+import numpy as np
+
+from .calibrate import Settings, chain_times, measure_blocks, measure_kernels, \
+    measure_memory_bandwidth, measure_optimizer, measure_peak, nnls, optimizer_tensor_s
+
+KINDS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "send_recv")
+"""Collectives timed (send_recv: every rank sends to the next and receives from the previous)."""
+
+
+def _sizes(settings: Settings) -> list[int]:
+    """Collective sizes in bytes (multiples of 4 x 8 so every world size divides them)."""
+    if settings.quick:
+        return [32, 2**16, 2**20]
+    return [32, 1024, 2**14, 2**16, 2**18, 2**20, 2**22, 2**24]
+
+
+def _barrier(device: str) -> None:
+    import torch
+    import torch.distributed as dist
+    if device == "cuda":
+        torch.cuda.synchronize()
+    dist.barrier()
+
+
+def _timed(fn, device: str, inner: int, repeats: int) -> float:
+    """Median seconds per call of `fn` over `repeats` samples of `inner` calls; every rank
+    runs the same count (collectives must match), starting together."""
+    import torch
+    fn()
+    samples = []
+    for _ in range(repeats):
+        _barrier(device)
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        samples.append((time.perf_counter() - start) / inner)
+    return statistics.median(samples)
+
+
+def measure_collectives(settings: Settings) -> list[dict]:
+    """Seconds of each collective kind at each size: [{kind, bytes, seconds}]."""
+    import torch
+    import torch.distributed as dist
+    world, rank, dev = dist.get_world_size(), dist.get_rank(), settings.device
+    rows = []
+    for size in _sizes(settings):
+        n = max(size // 4 // world * world, world)
+        full = torch.randn(n, device=dev)
+        part = torch.randn(n // world, device=dev)
+        out_full, out_part = torch.empty_like(full), torch.empty_like(part)
+        recv = torch.empty_like(full)
+        nxt, prv = (rank + 1) % world, (rank - 1) % world
+
+        def shift():
+            ops = [dist.P2POp(dist.isend, full, nxt), dist.P2POp(dist.irecv, recv, prv)]
+            for w in dist.batch_isend_irecv(ops):
+                w.wait()
+        calls = {"all_reduce": lambda: dist.all_reduce(full),
+                 "all_gather": lambda: dist.all_gather_into_tensor(out_full, part),
+                 "reduce_scatter": lambda: dist.reduce_scatter_tensor(out_part, full),
+                 "broadcast": lambda: dist.broadcast(full, 0), "send_recv": shift}
+        inner = max(2, min(40, int(2e6 / (size + 2e4))))
+        for kind in KINDS:
+            t = _timed(calls[kind], dev, inner, max(3, settings.repeats // 2))
+            rows.append({"kind": kind, "bytes": 4 * n, "seconds": t})
+    return rows
+
+
+def fit_collectives(rows: list[dict], world: int) -> dict:
+    """`call_s`, `latency_s` and `bandwidth_Bps` of `call + hops x latency + wire x bytes /
+    bandwidth` (comm.py's ring formula, one call of a framework) fitted by least squares on
+    relative errors; a coefficient that would be negative is held at 0 and the rest refitted."""
+    from .costmodel import comm
+    n = np.array([world])
+    x = np.array([[1.0, float(comm.hops(r["kind"], n)[0]),
+                   float(comm.wire_factor(r["kind"], n)[0]) * r["bytes"]] for r in rows])
+    y = np.array([r["seconds"] for r in rows])
+    coef = nnls(x / y[:, None], np.ones_like(y))  # relative errors
+    if coef[2] <= 0:
+        raise ValueError("fit_collectives: the measured times do not grow with the bytes")
+    return {"call_s": float(coef[0]), "latency_s": float(coef[1]),
+            "bandwidth_Bps": float(1.0 / coef[2])}
+
+
+def measure_overlap(settings: Settings) -> float:
+    """Fraction of an all-reduce that hides behind concurrent compute: (C + A - T) / min(C, A)
+    with C the compute alone, A the all-reduce alone and T both (the all-reduce started
+    asynchronously, then the compute, then the wait), clipped to [0, 1]."""
+    import torch
+    import torch.distributed as dist
+    dev = settings.device
+    buf = torch.randn((2**18 if settings.quick else 2**20), device=dev)
+    a = torch.randn(256, 256, device=dev)
+
+    def compute():
+        for _ in range(8 if settings.quick else 24):
+            torch.mm(a, a)
+
+    def both():
+        work = dist.all_reduce(buf, async_op=True)
+        compute()
+        work.wait()
+    reps = max(3, settings.repeats // 2)
+    c = _timed(compute, dev, 3, reps)
+    r = _timed(lambda: dist.all_reduce(buf), dev, 3, reps)
+    t = _timed(both, dev, 3, reps)
+    return float(min(1.0, max(0.0, (c + r - t) / min(c, r))))
+
+
+def _dp_step_s(units: int, micro: int, mode: str, settings: Settings) -> float:
+    """Seconds of forward + backward of `micro` microbatches through `units` Linear(16, 16)
+    units plus a root Linear: `plain`, `fsdp` (FSDP2 per unit and root, gradients reduced on
+    the last microbatch only, as the runner does) or `ddp` (DDP with bucket-view gradients,
+    no_sync but on the last microbatch, as the runner does)."""
+    import contextlib
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    dev, d = settings.device, 16
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(d, d, device=dev) for _ in range(units + 1)])
+    run = model
+    if mode == "fsdp":
+        mesh = init_device_mesh(dev, (dist.get_world_size(),))
+        for unit in model[1:]:
+            fully_shard(unit, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    elif mode == "ddp":
+        run = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False,
+                                                        gradient_as_bucket_view=True)
+    x = torch.randn(2, d, device=dev)
+
+    def step():
+        for i in range(micro):
+            last = i == micro - 1
+            if mode == "fsdp":
+                model.set_requires_gradient_sync(last)
+            ctx = run.no_sync() if mode == "ddp" and not last else contextlib.nullcontext()
+            with ctx:
+                run(x).sum().backward()
+    return _timed(step, dev, 3 if settings.quick else 8, max(5, settings.repeats))
+
+
+def measure_fsdp(settings: Settings) -> dict:
+    """FSDP2's seconds per unit all-gather (`gather_s`, 2 per unit and microbatch) and per unit
+    reduction (`reduce_s`, 1 per unit and step) beyond the unsharded model, fitted (>= 0) to
+    2 and 8 units at 1 and 2 microbatches; `unit_bytes` of each unit."""
+    rows, ys = [], []
+    for micro in (1, 2):
+        for units in (2, 8):
+            extra = (_dp_step_s(units, micro, "fsdp", settings)
+                     - _dp_step_s(units, micro, "plain", settings))
+            rows.append([2 * micro * units, units, 1.0])
+            ys.append(extra)
+    gather, reduce, _ = nnls(rows, ys)
+    return {"gather_s": float(gather), "reduce_s": float(reduce), "unit_bytes": (16 * 16 + 16) * 4}
+
+
+def measure_ddp(settings: Settings) -> dict:
+    """DDP's seconds beyond the plain model, fitted (>= 0) over 2, 5 and 8 units at 1 and 2
+    microbatches: per microbatch (`microbatch_s`), per parameter tensor and microbatch
+    (`tensor_s`, the autograd hooks) and per step (`step_s`, with the one bucket's
+    all-reduce of `bytes_per_unit` x units + the root in it)."""
+    rows, ys = [], []
+    for micro in (1, 2):
+        for units in (2, 5, 8):
+            extra = (_dp_step_s(units, micro, "ddp", settings)
+                     - _dp_step_s(units, micro, "plain", settings))
+            tensors = 2 * (units + 1)
+            rows.append([micro, micro * tensors, 1.0])
+            ys.append(extra)
+    micro_s, tensor_s, step_s = nnls(rows, ys)
+    return {"microbatch_s": float(micro_s), "tensor_s": float(tensor_s), "step_s": float(step_s),
+            "bytes_per_unit": (16 * 16 + 16) * 4}
+
+
+def measure_tp(settings: Settings) -> dict:
+    """Extra forward and backward seconds per tensor-parallel op (a ColwiseParallel +
+    RowwiseParallel pair of Linear(16, 32) / Linear(32, 16) per block, over all ranks) against
+    the same blocks unsplit, per op (two ops per block, one all-reduce each way), and the
+    all-reduce bytes."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   parallelize_module)
+    dev, world = settings.device, dist.get_world_size()
+    mesh = init_device_mesh(dev, (world,))
+
+    def make(split):
+        def build(length):
+            blocks = torch.nn.Sequential(*[torch.nn.Sequential(
+                torch.nn.Linear(16, 32, device=dev), torch.nn.Linear(32, 16, device=dev))
+                for _ in range(length)])
+            if split:
+                parallelize_module(blocks, mesh, {f"{i}.{j}": style for i in range(length)
+                                                  for j, style in ((0, ColwiseParallel()),
+                                                                   (1, RowwiseParallel()))})
+            x = torch.randn(8, 16, device=dev)
+            return lambda: blocks(x)
+        return build
+    lengths = (1, 3)
+    split = _collective_chain(make(True), lengths, settings)
+    plain = _collective_chain(make(False), lengths, settings)
+    return {"fwd_s": (split[0] - plain[0]) / 2, "bwd_s": (split[1] - plain[1]) / 2,
+            "allreduce_bytes": 8 * 16 * 4}
+
+
+def _collective_chain(build, lengths, settings: Settings) -> tuple[float, float]:
+    """Per-block (forward, backward) seconds: the slope between `lengths` blocks of forward,
+    and of forward + backward less forward, each with a fixed count on every rank (the
+    blocks run collectives)."""
+    fwd, both = [], []
+    reps = max(3, settings.repeats // 2)
+    for length in lengths:
+        forward = build(length)
+        inner = 5 if settings.quick else 12
+        fwd.append(_timed(forward, settings.device, inner, reps))
+        both.append(_timed(lambda: forward().sum().backward(), settings.device, inner, reps))
+    n = lengths[1] - lengths[0]
+    f = (fwd[1] - fwd[0]) / n
+    return f, (both[1] - both[0]) / n - f
+
+
+def measure_pp(settings: Settings) -> dict:
+    """Per-microbatch seconds of a GPipe pipeline over all ranks (one Linear(16, 16) stage
+    each, microbatches of 2 rows): the slope between 2 and 6 microbatches, beside one
+    stage's own forward + backward (`stage_s`) and the message bytes."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+    from .calibrate import _linear
+    dev, world, rank = settings.device, dist.get_world_size(), dist.get_rank()
+    times = {}
+    for micro in (2, 6):
+        torch.manual_seed(0)
+        stage = PipelineStage(torch.nn.Linear(16, 16, device=dev), rank, world,
+                              torch.device(dev))
+        sched = ScheduleGPipe(stage, n_microbatches=micro,
+                              loss_fn=lambda out, target: out.pow(2).mean())
+        x = torch.randn(2 * micro, 16, device=dev)
+        target = torch.zeros(2 * micro, 16, device=dev)
+
+        def step():
+            if rank == 0:
+                sched.step(x)
+            elif rank == world - 1:
+                sched.step(target=target, losses=[])
+            else:
+                sched.step()
+        times[micro] = _timed(step, dev, 3 if settings.quick else 8, max(3, settings.repeats))
+    f, b = chain_times(_linear((2, 16), dev)[0], settings)
+    return {"per_microbatch_s": (times[6] - times[2]) / 4, "stage_s": f + b,
+            "message_bytes": 2 * 16 * 4}
+
+
+def measure_cp(settings: Settings) -> dict:
+    """Extra seconds of ring attention (forward + backward, causal, over all ranks) against
+    the same local attention alone, and the K/V bytes of the whole sequence."""
+    import torch
+    import torch.nn.functional as F
+    import torch.distributed as dist
+    from .runner.ring_attention import ring_attention
+    dev, world = settings.device, dist.get_world_size()
+    shape = (1, 2, 8, 8)  # batch, heads, local sequence, head dim
+    q, k, v = (torch.randn(*shape, device=dev, requires_grad=True) for _ in range(3))
+
+    def ring():
+        ring_attention(q, k, v, None, causal=True).sum().backward()
+
+    def local():
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+    reps, inner = max(3, settings.repeats), 5 if settings.quick else 12
+    extra = _timed(ring, dev, inner, reps) - _timed(local, dev, inner, reps)
+    return {"extra_s": extra, "kv_bytes": 2 * 2 * 8 * world * 8 * 4}
+
+
+def measure_dtensor_optimizer(settings: Settings) -> float:
+    """`optimizer_tensor_s` of 32 sharded distributed tensors (64 elements per rank)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    mesh = init_device_mesh(settings.device, (dist.get_world_size(),))
+    params = []
+    for _ in range(32):
+        full = torch.randn(64 * dist.get_world_size(), device=settings.device)
+        p = torch.nn.Parameter(distribute_tensor(full, mesh, [Shard(0)]))
+        p.grad = distribute_tensor(torch.randn_like(full), mesh, [Shard(0)])
+        params.append(p)
+    return optimizer_tensor_s(params, settings)
+
+
+def measure_rank(settings: Settings, log) -> dict:
+    """Everything one rank measures, every rank at the same time (barriers between parts)."""
+    import torch.distributed as dist
+    dev = settings.device
+    sync = lambda: _barrier(dev)  # noqa: E731
+    out = {}
+    log("  peak matmul FLOP/s and memory bandwidth")
+    sync()
+    out["peak_flops_per_s"] = measure_peak(settings)
+    sync()
+    out["memory_Bps"] = measure_memory_bandwidth(settings)
+    sync()
+    log("  per-op dispatch and kernels (forward, backward)")
+    out["kernels"] = measure_kernels(settings, log, sync)
+    log("  reference blocks (dispatch as models pay it)")
+    out["blocks"] = measure_blocks(settings, sync)
+    sync()
+    out["optimizer"] = measure_optimizer(settings)
+    if dist.get_world_size() == 1:
+        return out
+    sync()
+    out["optimizer_dtensor_s"] = measure_dtensor_optimizer(settings)
+    log("  collectives")
+    out["collectives"] = measure_collectives(settings)
+    log("  overlap of communication with compute")
+    out["overlap"] = measure_overlap(settings)
+    log("  FSDP, tensor-parallel, pipeline and ring-attention framework costs")
+    out["fsdp"] = measure_fsdp(settings)
+    out["ddp"] = measure_ddp(settings)
+    out["tp"] = measure_tp(settings)
+    out["pp"] = measure_pp(settings)
+    out["cp"] = measure_cp(settings)
+    sync()
+    return out
+
+
+def _worker(rank: int, world: int, port: int, settings: Settings, results) -> None:
+    import torch
+    import torch.distributed as dist
+    if settings.device == "cpu":
+        torch.set_num_threads(1)
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    else:
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    try:
+        dist.init_process_group("gloo" if settings.device == "cpu" else "nccl",
+                                init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, timeout=datetime.timedelta(seconds=300))
+        log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
+        results.put((rank, "ok", measure_rank(settings, log)))
+    except BaseException as exc:  # report, then leave
+        results.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+    finally:
+        try:
+            results.close()
+            results.join_thread()
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        finally:
+            os._exit(0)
+
+
+def run_world(ranks: int, settings: Settings, timeout_s: float = 1800.0) -> list[dict]:
+    """Run `measure_rank` on `ranks` concurrent processes; every rank's figures, by rank.
+    RuntimeError naming the rank when one fails."""
+    import torch.multiprocessing as mp
+    from .runner.launch import free_port
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, ranks, port, settings, results), daemon=True)
+             for r in range(ranks)]
+    for p in procs:
+        p.start()
+    got: dict[int, dict] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(got) < ranks:
+            try:
+                rank, status, payload = results.get(timeout=1.0)
+            except queue_mod.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                if dead or time.monotonic() > deadline:
+                    raise RuntimeError(f"calibrate: rank {dead[0] if dead else '?'} died or the "
+                                       f"world did not finish in {timeout_s:.0f} s") from None
+                continue
+            if status == "error":
+                raise RuntimeError(f"calibrate: rank {rank} failed: {payload}")
+            got[rank] = payload
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+    return [got[r] for r in range(ranks)]
+
+
+# ----------------------------------------------------------------------------- the profile
+
+def merge_ranks(values: list):
+    """Median over ranks of every number in same-shaped results (strings: the first rank's)."""
+    first = values[0]
+    if isinstance(first, dict):
+        return {k: merge_ranks([v[k] for v in values]) for k in first}
+    if isinstance(first, (list, tuple)):
+        return [merge_ranks([v[i] for v in values]) for i in range(len(first))]
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        return float(statistics.median(values))
+    return first
+
+
+def _comm_model(fit: dict, world: int):
+    """Seconds of one collective of `kind` and `size` bytes with the fitted figures."""
+    from .costmodel import comm
+    n = np.array([world])
+
+    def t(kind: str, size: float) -> float:
+        return float(fit["call_s"] + comm.hops(kind, n)[0] * fit["latency_s"]
+                     + comm.wire_factor(kind, n)[0] * size / fit["bandwidth_Bps"])
+    return t
+
+
+def world_profile(m: dict, ranks: int, settings: Settings, stamp: str) -> dict:
+    """One world's `{ranks, chip, level}` entry of the profile file from its merged figures:
+    the chip with its `efficiency` table, the level with the fitted collectives."""
+    from .calibrate import kernel_curves
+    peak = m["peak_flops_per_s"]
+    kernels = m["kernels"]
+    curves = kernel_curves(kernels, peak["fp32"])
+    dispatch = block_dispatch(m["blocks"], curves, peak["fp32"], m["memory_Bps"])
+    fwd = {k: max(0.0, v["fwd_s"]) for k, v in kernels.items()}
+    bwd = {k: max(0.0, v["bwd_s"]) for k, v in kernels.items()}
+    fwd.update(dispatch["fwd_s"])
+    bwd.update(dispatch["bwd_s"])
+    who = (f"{ranks} concurrent rank(s), one torch thread each" if settings.device == "cpu"
+           else f"{ranks} GPU rank(s)")
+    eff = {"source": f"workbench calibrate {stamp}, {who}: per-op dispatch fitted to "
+                     f"{len(m['blocks'])} reference blocks written like model code (kinds they do "
+                     f"not hold: the op's seconds at the smallest size); curves fitted to the "
+                     f"seconds beyond the smallest size (slopes of chains of 2 and 6 ops) over {sum(len(v['sizes']) - 1 for v in kernels.values() if 'sizes' in v)} "
+                     f"sizes (fp32); framework costs from tiny synthetic FSDP, TP, PP and ring-"
+                     f"attention models (workbench/calibrate_collectives.py)",
+           "memory": 1.0, "op_overhead_s": fwd["elementwise"],
+           "curves": {k: {n: curves[f"{k}_fwd"][n] for n in ("e_max", "half_flops", "width_sat")}
+                      for k in ("linear", "batched_matmul", "attention", "conv", "lstm")},
+           "curves_bwd": {k: curves[f"{k}_bwd"]
+                          for k in ("linear", "batched_matmul", "attention", "conv", "lstm")},
+           "dispatch_fwd_s": fwd, "dispatch_bwd_s": bwd,
+           "optimizer_tensor_s": max(0.0, m["optimizer"]["tensor_s"]),
+           "optimizer_bytes_per_param": m["optimizer"]["param_s"] * m["memory_Bps"]}
+    level = None
+    if ranks > 1:
+        fit = fit_collectives(m["collectives"], ranks)
+        t = _comm_model(fit, ranks)
+        bw_part = lambda kind, size: t(kind, size) - t(kind, 0.0)  # noqa: E731
+        fsdp, tp, pp, cp = m["fsdp"], m["tp"], m["pp"], m["cp"]
+        eff.update(
+            optimizer_dtensor_s=max(0.0, m["optimizer_dtensor_s"]),
+            collective_call_s=fit["call_s"], comm_overlap=m["overlap"],
+            fsdp_gather_s=max(0.0, fsdp["gather_s"] - t("all_gather", fsdp["unit_bytes"])),
+            fsdp_reduce_s=max(0.0, fsdp["reduce_s"]
+                              - bw_part("reduce_scatter", fsdp["unit_bytes"])),
+            ddp_microbatch_s=m["ddp"]["microbatch_s"], ddp_tensor_s=m["ddp"]["tensor_s"],
+            ddp_step_s=max(0.0, m["ddp"]["step_s"]
+                           - t("all_reduce", 3 * m["ddp"]["bytes_per_unit"])),
+            tp_op_fwd_s=max(0.0, tp["fwd_s"] - t("all_reduce", tp["allreduce_bytes"]) / 2),
+            tp_op_bwd_s=max(0.0, tp["bwd_s"] - t("all_reduce", tp["allreduce_bytes"]) / 2),
+            pp_action_s=max(0.0, (pp["per_microbatch_s"] - pp["stage_s"]) / 2
+                            - t("send_recv", pp["message_bytes"])),
+            cp_step_s=max(0.0, (cp["extra_s"] - 2 * t("all_gather", cp["kv_bytes"])
+                                - t("reduce_scatter", cp["kv_bytes"])) / (2 * (ranks - 1))))
+        backend = "gloo over tcp://127.0.0.1" if settings.device == "cpu" else "nccl"
+        level = {"name": "node", "size": ranks, "bandwidth_Bps": fit["bandwidth_Bps"],
+                 "latency_s": fit["latency_s"], "oversubscription": 1.0,
+                 "source": f"Measured {stamp}: {ranks} processes, torch.distributed {backend}; "
+                           f"call + hops x latency + wire factor x bytes / bandwidth (comm.py) "
+                           f"fitted by least squares to all-reduce, all-gather, reduce-scatter, "
+                           f"broadcast and send/recv times over {len(_sizes(settings))} sizes; "
+                           f"the fixed cost per call ({fit['call_s'] * 1e6:.1f} us) is the "
+                           f"chip's collective_call_s"}
+    chip = _chip_table(peak, m["memory_Bps"], settings, stamp, who)
+    chip["efficiency"] = eff
+    return {"ranks": ranks, "chip": chip, "level": level}
+
+
+def block_dispatch(blocks: dict, curves: dict, peak: float, memory_Bps: float) -> dict:
+    """`fit_dispatch` of the reference blocks, their kernels timed with the fitted curves."""
+    from .calibrate import fit_dispatch, op_width
+    from .costmodel.efficiency import Curve
+    from .costmodel.ops import cost
+
+    def kernel_s(kind: str, shape: dict, backward: bool) -> float:
+        c = cost(kind, **shape, dtype_bytes=4)
+        moved = (c.read_bytes + c.write_bytes) * (2 if backward else 1) / memory_Bps
+        flops = c.bwd_flops if backward else c.fwd_flops
+        if not c.counted or not flops:
+            return moved
+        curve = Curve(**curves[f"{kind}_{'bwd' if backward else 'fwd'}"])
+        return max(flops / (peak * float(curve(flops, op_width(kind, shape)))), moved)
+    return fit_dispatch(blocks, kernel_s)
+
+
+def _chip_table(peak: dict, memory_Bps: float, settings: Settings, stamp: str, who: str) -> dict:
+    """The chip table: name, peaks, memory, bandwidth, NVML names, source."""
+    import torch
+    if settings.device == "cuda":
+        from . import hardware
+        preset = hardware.chip_for_nvml_name(torch.cuda.get_device_name())
+        name, nvml, memory = preset.name, list(preset.nvml_names), \
+            torch.cuda.get_device_properties(0).total_memory
+    else:
+        name, nvml = "cpu", []
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"name": name, "dense_flops_per_s": {k: float(v) for k, v in peak.items()},
+            "memory_bytes": int(memory), "memory_bandwidth_Bps": float(memory_Bps),
+            "nvml_names": nvml,
+            "source": f"Measured {stamp} by workbench calibrate on this host ({_host()}), torch "
+                      f"{torch.__version__}, {who}: peak = a {'512' if settings.quick else '2048'}"
+                      f"^3 matmul in fp32 and bf16 (2 n^3 FLOPs), memory bandwidth = a large copy "
+                      f"(read + write), memory_bytes = {'GPU memory' if settings.device == 'cuda' else 'host RAM'}"}
+
+
+def _host() -> str:
+    import platform
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def calibrate(settings: Settings, log=print) -> dict:
+    """Measure every world of `settings` and return the profile file's content: `chip` and
+    `host_level` of the one-rank-per-core world (the default cluster), `worlds` (every world
+    measured), `measurement` (when, where, the raw figures)."""
+    import platform
+    import torch
+    cores = torch.cuda.device_count() if settings.device == "cuda" else (os.cpu_count() or 1)
+    worlds = sorted(set(settings.worlds) | ({cores} if cores > 1 else set()))
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    entries, raw = [], {}
+    for ranks in worlds:
+        log(f"world of {ranks} rank(s) on {settings.device}:")
+        merged = merge_ranks(run_world(ranks, settings))
+        raw[str(ranks)] = merged
+        entries.append(world_profile(merged, ranks, settings, stamp))
+    host = next((e for e in entries if e["ranks"] == cores), entries[-1])
+    if host["level"] is None:
+        raise ValueError("calibrate: the host world needs >= 2 ranks (no collectives measured)")
+    return {"chip": host["chip"], "host_level": host["level"],
+            "worlds": [e for e in entries if e["level"] is not None],
+            "measurement": {"measured_at": stamp, "host": _host(), "torch": torch.__version__,
+                            "python": platform.python_version(), "device": settings.device,
+                            "quick": settings.quick, "load_average": list(os.getloadavg()),
+                            "raw": raw}}
