@@ -303,7 +303,7 @@ def parallelize(model: nn.Module, plan: Plan, mesh: DeviceMesh, device: torch.de
     ignored = set(experts)
     dp = plan.dp_degree * plan.cp
     if plan.pp == 1:
-        units = _wrap_units(model, plan, compile)
+        units = _wrap_units(model, plan, compile) or _part_groups(model)
         ddp = apply_data_parallel([model], units, plan, mesh, counter, ignored)
         return Parallel(model, [model], ddp=ddp, expert_params=experts,
                         expert_replicas=replicas, data_parallel_degree=dp, loss_scale=loss_scale,
@@ -362,6 +362,28 @@ def _wrap_units(model: nn.Module, plan: Plan, compile: bool) -> list[nn.Module]:
             setattr(holder, name, wrapped)
     return [holder[int(n)] if isinstance(holder, nn.ModuleList) else getattr(holder, n)
             for holder, n in _unit_slots(model)]
+
+
+def _part_groups(model: nn.Module) -> list[list[nn.Module]]:
+    """FSDP groups for models without repeated blocks (VGG, AlexNet, U-Net, FCN, C3D, YOLO,
+    DETR, ...): one group per unit of the pipeline split (the layer graph's units), made of
+    the model's own submodules that unit runs (the split's wrappers are never called by the
+    model's forward, so they cannot carry FSDP's hooks). Empty where there is no split."""
+    from .pipeline_parts import pipeline_parts
+    try:
+        _, units, _ = pipeline_parts(model)
+    except ValueError:
+        return []
+    own = {id(m) for m in model.modules()} - {id(model)}
+    claimed: set[int] = set()
+    groups = []
+    for unit in units:
+        group = [m for m in unit.children() if id(m) in own and id(m) not in claimed
+                 and any(p.requires_grad for p in m.parameters())]
+        claimed.update(id(m) for m in group)
+        if group:
+            groups.append(group)
+    return groups
 
 
 def _unit_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
