@@ -5,11 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -39,45 +34,14 @@ def chrome(download_dir: str | Path | None = None, width: int = 1400, height: in
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def app_server(store_path: str | Path, *, demo: bool = False, timeout_s: float = 90.0):
     """Serve `workbench app` on a free port over `store_path`; yield its base URL."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "workbench.cli", "app", "--store", str(store_path),
-           "--port", str(port)] + ([] if demo else ["--no-demo"])
-    log = Path(str(store_path) + f".app-{port}.log")
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"workbench app exited ({proc.returncode}):\n"
-                                   + log.read_text()[-4000:])
-            try:
-                with urllib.request.urlopen(url + "/", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("workbench app did not answer:\n" + log.read_text()[-4000:])
-            time.sleep(0.2)
+    from workbench.app.screenshots import serve
+
+    log = Path(str(store_path) + ".app.log")
+    with serve(Path(store_path), log, timeout_s, demo=demo) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def wait_for(driver, css: str, timeout_s: float = 30.0, text: str | None = None):

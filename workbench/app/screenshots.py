@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,20 +39,18 @@ return Array.from(main.querySelectorAll('.dash-graph')).every(
 """
 
 
-def _free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
-def serve(store_path: Path, log_path: Path, timeout_s: float):
-    """`workbench app` over `store_path` in a subprocess; yield its base URL."""
-    port = _free_port()
+def serve(store_path: Path, log_path: Path, timeout_s: float, demo: bool = True):
+    """`workbench app` over `store_path` in a subprocess (seeding an empty store with the
+    demo unless `demo` is False); yield its base URL once it answers. Also used by the
+    browser tests."""
+    from ..runner.launch import free_port
+
+    port = free_port()
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "app", "--store",
-                                 str(store_path), "--port", str(port)],
+                                 str(store_path), "--port", str(port)]
+                                + ([] if demo else ["--no-demo"]),
                                 stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
