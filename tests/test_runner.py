@@ -157,6 +157,29 @@ def test_every_family_runs_ddp_and_fsdp_like_one_process(families_world2, index)
     check_equivalence(families_world2, index, model, plan)
 
 
+# LSTM and the captioner have no pipeline split, so the runner can only shard them at the
+# root; every other family gets one FSDP group per layer-graph unit, as the cost model counts.
+ROOT_ONLY_FSDP = {"lstm-tiny", "captioner-tiny"}
+
+
+@pytest.mark.parametrize("model", [n for n in FAMILIES if n not in ROOT_ONLY_FSDP])
+def test_fsdp_gathers_and_reduces_once_per_unit_as_the_cost_model_counts(families_world2, model):
+    # FSDP2 gathers each unit's weights before its forward and again before its backward and
+    # the root's once per microbatch; one reduce-scatter per unit and the root per step.
+    # gbs=4, mb=2 on 2 ranks: 1 microbatch; e.g. vgg-tiny, 15 units: 2 x 15 + 1 = 31
+    # gathers and 15 + 1 = 16 reductions.
+    index = FAMILIES.index(model) * 2 + 1
+    plan = FAMILY_PLANS[1]
+    calls = {"all_gather": 0, "reduce_scatter": 0}
+    for c in costmodel.estimate(costmodel.graph(models.get(model, **TINY.get(model, {}))), plan,
+                                prediction_cluster("cpu", 2)).comm:
+        calls[c.kind] = calls.get(c.kind, 0) + c.count_per_step
+    for rank in families_world2:
+        comm = rank[index]["comm"]
+        assert comm["all_gather"]["calls"] == calls["all_gather"], model
+        assert comm["reduce_scatter"]["calls"] == calls["reduce_scatter"], model
+
+
 def test_world8_three_dimensional_plan_matches_one_process(world8):
     model, plan = WORLD8[0]
     check_equivalence(world8, 0, model, plan)

@@ -378,12 +378,21 @@ def _part_groups(model: nn.Module) -> list[list[nn.Module]]:
     claimed: set[int] = set()
     groups = []
     for unit in units:
-        group = [m for m in unit.children() if id(m) in own and id(m) not in claimed
+        group = [m for m in _own_children(unit, own) if id(m) not in claimed
                  and any(p.requires_grad for p in m.parameters())]
         claimed.update(id(m) for m in group)
         if group:
             groups.append(group)
     return groups
+
+
+def _own_children(module: nn.Module, own: set[int]) -> list[nn.Module]:
+    """The outermost submodules of `module` that belong to the model (`own` ids), looking
+    through the split's own containers (a unit's ModuleList of the model's layers)."""
+    found = []
+    for child in module.children():
+        found += [child] if id(child) in own else _own_children(child, own)
+    return found
 
 
 def _unit_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
