@@ -146,6 +146,8 @@ def test_profile_round_trip_gives_the_same_clusters_and_efficiency(tmp_path):
      "efficiency.dispatch_fwd_s: op kind 'matmul' is not one of"),
     (lambda p: p["worlds"][1]["chip"]["efficiency"].update(comm_overlap=1.5),
      r"efficiency.comm_overlap must be >= 0 and <= 1"),
+    (lambda p: p["worlds"][1]["chip"]["efficiency"].update(rank_contention=0.5),
+     r"efficiency.rank_contention must be >= 1"),
 ])
 def test_bad_profile_fields_are_named(tmp_path, change, message):
     profile = _profile()
@@ -211,6 +213,31 @@ def test_prediction_cluster_uses_the_world_calibrated_for_the_ranks():
     assert "EXTRAPOLATED" in big.chip.source and big.n_chips == 2 * widest
     assert big.chip.peak_flops_per_s("fp32") == pytest.approx(base.chip.peak_flops_per_s("fp32") / 2)
     assert big.levels[0].latency_s == pytest.approx(2 * base.levels[0].latency_s)
+    assert efficiency_for(big.chip).rank_contention == pytest.approx(
+        2 * efficiency_for(base.chip).rank_contention)
+
+
+def test_pipeline_bubble_shrinks_when_idle_ranks_free_shared_cores():
+    from workbench.costmodel.engine import pipeline_bubble_s
+    # own cores: (pp - 1) / vpp slots of the stage: 2 ms x 3 = 6 ms; with vpp 2: 2 x 1.5 = 3
+    assert pipeline_bubble_s(2e-3, 4, 4, 1) == pytest.approx(6e-3)
+    assert pipeline_bubble_s(2e-3, 4, 4, 2) == pytest.approx(3e-3)
+    # 2 ranks per core, stage time measured with all busy: max(4 x 2, 7 x 2 / 2) - 8 = 0 ms;
+    # with 2 microbatches: max(2 x 2, 5 x 2 / 2) - 4 = 1 ms; no pipeline: nothing
+    assert pipeline_bubble_s(2e-3, 4, 4, 1, 2.0) == pytest.approx(0.0)
+    assert pipeline_bubble_s(2e-3, 2, 4, 1, 2.0) == pytest.approx(1e-3)
+    assert pipeline_bubble_s(2e-3, 2, 1, 1, 2.0) == pytest.approx(0.0)
+
+
+def test_the_calibrated_worlds_say_how_many_ranks_share_a_core():
+    from workbench.calibrate_collectives import rank_contention
+    assert rank_contention(4, "cuda") == 1.0
+    assert rank_contention(1, "cpu") == 1.0
+    cores = len(__import__("os").sched_getaffinity(0))
+    assert rank_contention(4 * cores, "cpu") == 4.0
+    # the shipped profile: 2 and 4 ranks measured on a 2-core host
+    assert [efficiency_for(hardware.load_cpu_cluster(n).chip).rank_contention
+            for n in hardware.calibrated_worlds()] == [1.0, 2.0]
 
 
 def test_the_default_cpu_profile_is_calibrated():

@@ -56,6 +56,8 @@ class Settings:
     """Timed samples per figure (the median is kept)."""
     min_sample_s: float = 0.02
     """Each sample runs the op often enough to last at least this long."""
+    ops_for: tuple[str, ...] = ()
+    """Study files whose ops are also measured at their exact shapes (`calibrate_ops.py`)."""
 
     def __post_init__(self):
         if self.device not in DEVICES:
@@ -451,8 +453,12 @@ def cmd_calibrate(args) -> int:
     try:
         settings = Settings(device=args.device, worlds=parse_worlds(args.world),
                             quick=args.quick, repeats=3 if args.quick else 7,
-                            min_sample_s=0.002 if args.quick else 0.02)
-    except ValueError as e:
+                            min_sample_s=0.002 if args.quick else 0.02,
+                            ops_for=tuple(args.ops_for or ()))
+        if settings.ops_for:
+            from .calibrate_ops import study_ops
+            study_ops(settings.ops_for)  # a bad study file fails here, before measuring
+    except (ValueError, OSError) as e:
         print(f"error: {e}")
         return 2
     if settings.device == "cuda":
@@ -481,6 +487,9 @@ def add_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--world", default="2,4", help="world sizes to calibrate, e.g. 2,4 (ranks "
                    "beyond the cores share them); the one-rank-per-core world is always added")
     p.add_argument("--quick", action="store_true", help="few sizes and repeats (tests)")
+    p.add_argument("--ops-for", action="append", metavar="STUDY",
+                   help="also time every GEMM-like op of this study's points at its exact "
+                        "shape (repeatable; studies/cpu-validation.toml for the CPU loop)")
     p.set_defaults(func=cmd_calibrate)
     return p
 

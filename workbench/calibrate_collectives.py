@@ -341,6 +341,11 @@ def measure_rank(settings: Settings, log) -> dict:
     out["blocks"] = measure_blocks(settings, sync)
     sync()
     out["optimizer"] = measure_optimizer(settings)
+    if settings.ops_for:
+        from .calibrate_ops import measure_ops, study_ops
+        ops = study_ops(settings.ops_for)
+        log(f"  {len(ops)} ops of {', '.join(settings.ops_for)} at their shapes")
+        out["op_kernels"] = measure_ops(ops, settings, sync, log)
     if dist.get_world_size() == 1:
         return out
     sync()
@@ -471,8 +476,11 @@ def world_profile(m: dict, ranks: int, settings: Settings, stamp: str) -> dict:
            "curves_bwd": {k: curves[f"{k}_bwd"]
                           for k in ("linear", "batched_matmul", "attention", "conv", "lstm")},
            "dispatch_fwd_s": fwd, "dispatch_bwd_s": bwd,
+           "rank_contention": rank_contention(ranks, settings.device),
            "optimizer_tensor_s": max(0.0, m["optimizer"]["tensor_s"]),
            "optimizer_bytes_per_param": m["optimizer"]["param_s"] * m["memory_Bps"]}
+    if m.get("op_kernels"):
+        eff["op_kernels_s"] = m["op_kernels"]
     level = None
     if ranks > 1:
         fit = fit_collectives(m["collectives"], ranks)
@@ -506,6 +514,16 @@ def world_profile(m: dict, ranks: int, settings: Settings, stamp: str) -> dict:
     chip = _chip_table(peak, m["memory_Bps"], settings, stamp, who)
     chip["efficiency"] = eff
     return {"ranks": ranks, "chip": chip, "level": level}
+
+
+def rank_contention(ranks: int, device: str) -> float:
+    """Ranks per core of this host while `ranks` CPU ranks (one torch thread each) run at once
+    (1 when each has a core; GPU ranks each have their own chip)."""
+    import os
+    if device != "cpu":
+        return 1.0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1.0, ranks / max(1, cores or 1))
 
 
 def block_dispatch(blocks: dict, curves: dict, peak: float, memory_Bps: float) -> dict:

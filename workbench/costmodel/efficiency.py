@@ -33,6 +33,8 @@ from types import MappingProxyType
 
 import numpy as np
 
+from ..calibrate_ops import table_from_dict
+
 
 @dataclass(frozen=True)
 class Curve:
@@ -114,6 +116,14 @@ class ChipEfficiency:
     on a stage: stage bookkeeping, buffers, send/recv posting)."""
     cp_step_s: float = 0.0
     """Fixed seconds per ring-attention step (one K/V block exchange and merge) per pass."""
+    op_kernels_s: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    """Kernel seconds (forward, backward) measured at exact op shapes, by
+    `calibrate_ops.op_key`; the engine uses them instead of the curves where the key of an
+    op it times matches (`workbench calibrate --ops-for`)."""
+    rank_contention: float = 1.0
+    """Ranks per core when the figures were measured with every rank busy (ranks / cores of
+    the host, 1 when each rank has cores of its own). A rank that runs while others wait
+    (a pipeline's fill and drain) gets up to this many times the measured speed."""
     comm_overlap: float = 1.0
     """Fraction of a collective that can hide behind concurrent compute (1: separate
     communication engines, as GPUs; less when ranks compute and communicate on the same
@@ -196,7 +206,8 @@ _SCALARS = ("optimizer_tensor_s", "optimizer_dtensor_s", "optimizer_bytes_per_pa
             "fsdp_gather_s",
             "fsdp_reduce_s", "tp_op_fwd_s", "tp_op_bwd_s", "pp_action_s", "cp_step_s")
 _REQUIRED = ("source", "memory", "op_overhead_s", "curves")
-_OPTIONAL = ("curves_bwd", "dispatch_fwd_s", "dispatch_bwd_s", "comm_overlap") + _SCALARS
+_OPTIONAL = ("curves_bwd", "dispatch_fwd_s", "dispatch_bwd_s", "comm_overlap",
+             "rank_contention", "op_kernels_s") + _SCALARS
 
 
 def _plain(x):
@@ -271,6 +282,10 @@ def efficiency_from_dict(d, where: str = "efficiency") -> ChipEfficiency:
         dispatch_fwd_s=MappingProxyType(dispatch["fwd"]),
         dispatch_bwd_s=MappingProxyType(dispatch["bwd"]),
         comm_overlap=_number(d.get("comm_overlap", 1.0), f"{where}.comm_overlap", high=1.0),
+        rank_contention=_number(d.get("rank_contention", 1.0), f"{where}.rank_contention",
+                                1.0),
+        op_kernels_s=MappingProxyType(table_from_dict(d.get("op_kernels_s", {}),
+                                                      f"{where}.op_kernels_s")),
         **scalars)
 
 
@@ -284,7 +299,9 @@ def efficiency_to_dict(e: ChipEfficiency) -> dict:
            "curves": {k: curve(c) for k, c in fwd.items()},
            "curves_bwd": {k: curve(c) for k, c in e.curves_bwd.items()},
            "dispatch_fwd_s": dict(e.dispatch_fwd_s), "dispatch_bwd_s": dict(e.dispatch_bwd_s),
-           "comm_overlap": e.comm_overlap}
+           "comm_overlap": e.comm_overlap, "rank_contention": e.rank_contention}
+    if e.op_kernels_s:
+        out["op_kernels_s"] = {k: list(v) for k, v in e.op_kernels_s.items()}
     out.update({k: getattr(e, k) for k in _SCALARS})
     return out
 

@@ -33,7 +33,10 @@ so GPU predictions do not depend on them; a calibrated chip carries measured val
   (`optimizer_dtensor_s` when the tensor is a distributed tensor: FSDP shards, TP weights),
   and moves `optimizer_bytes_per_param` per parameter where measured (an unfused update);
 - only `comm_overlap` of a collective hides behind concurrent compute (DP reduction behind
-  the last backward, FSDP gathers behind the previous unit).
+  the last backward, FSDP gathers behind the previous unit);
+- on a host whose ranks share cores (`rank_contention` ranks per core, measured with every
+  rank busy), a pipeline stage that runs while others wait runs faster, and the pipeline
+  bubble is what the cores cannot absorb (`pipeline_bubble_s`).
 """
 from __future__ import annotations
 
@@ -181,11 +184,29 @@ def op_times(prof: GraphProfile, plans: PlanArrays, cluster: Cluster, opt: CostO
         steps = (prof.kind == "attention")[:, None] * prof.cp[:, None] * (cp - 1)
         busy_f, busy_b = busy_f + steps * eff.cp_step_s, busy_b + steps * eff.cp_step_s
     counted = prof.counted[:, None]
-    t_f = np.where(counted, np.maximum(f_flops / (peak * np.maximum(e_f, 1e-12)), f_bytes / mem_bw),
-                   f_bytes / mem_bw) + busy_f
-    t_b = np.where(counted, np.maximum(b_flops / (peak * np.maximum(e_b, 1e-12)), b_bytes / mem_bw),
-                   b_bytes / mem_bw) + busy_b
-    return t_f, t_b, share
+    k_f = np.where(counted, np.maximum(f_flops / (peak * np.maximum(e_f, 1e-12)), f_bytes / mem_bw),
+                   f_bytes / mem_bw)
+    k_b = np.where(counted, np.maximum(b_flops / (peak * np.maximum(e_b, 1e-12)), b_bytes / mem_bw),
+                   b_bytes / mem_bw)
+    if eff.op_kernels_s:
+        _measured_kernels(prof, plans, share, eff.op_kernels_s, k_f, k_b)
+    return k_f + busy_f, k_b + busy_b, share
+
+
+def _measured_kernels(prof: GraphProfile, plans: PlanArrays, share, table, k_f, k_b) -> None:
+    """Put the kernels measured at their exact shapes (`calibrate_ops`) in place of the
+    curves' where an op runs unsplit on the rank and its key is in `table` (in place)."""
+    from ..calibrate_ops import MEASURED_KINDS, op_key
+    for i, kind in enumerate(prof.kind):
+        if kind not in MEASURED_KINDS:
+            continue
+        whole = share[i] == 1.0
+        for mb in np.unique(plans.mb[whole]):
+            hit = table.get(op_key(kind, prof.fwd_flops[i] * mb, prof.bwd_flops[i] * mb,
+                                   prof.params[i], plans.dtype))
+            if hit is not None:
+                cols = whole & (plans.mb == mb)
+                k_f[i, cols], k_b[i, cols] = hit
 
 
 def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
@@ -279,7 +300,8 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
 
     _data_parallel(out, plans, cluster, opt, records, elem)
     out["stage_time_mb_s"] += out["fsdp_exposed_s"]
-    out["bubble_s"] = out["stage_time_mb_s"] * (plans.pp - 1) / plans.vpp
+    out["bubble_s"] = pipeline_bubble_s(out["stage_time_mb_s"], m, plans.pp, plans.vpp,
+                                        eff.rank_contention)
     out["microbatch_time_s"] = out["stage_time_mb_s"] * m
     out["step_time_s"] = (out["microbatch_time_s"] + out["bubble_s"] + out["dp_exposed_s"]
                           + out["zero_gather_s"] + out["optimizer_s"])
@@ -287,6 +309,17 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
     out.update(memory_per_stage(prof, plans, cluster, opt, share, groups, p_sig))
     out["records"] = records
     return out
+
+
+def pipeline_bubble_s(stage_mb_s, microbatches, pp, vpp, rank_contention=1.0):
+    """The pipeline bubble: (pp - 1) / vpp microbatch slots of the slowest stage (Narayanan et
+    al. 2021). On a host whose ranks share cores (`rank_contention` c > 1 ranks per core, the
+    stage time measured with every rank busy), a stage that runs while others idle runs up to
+    c times faster, and the cores are the limit: the whole schedule takes
+    max(m x T, (m + slots) x T / c), so the bubble is what that adds to m x T."""
+    slots = (np.asarray(pp) - 1) / np.asarray(vpp)
+    work = stage_mb_s * microbatches
+    return np.maximum(work, stage_mb_s * (microbatches + slots) / rank_contention) - work
 
 
 def _record_per_op(records, name, kind, group, n, stride, size_sig, passes_sig, counts, prof,

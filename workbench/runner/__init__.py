@@ -54,6 +54,7 @@ def _shared_cores(nproc: int):
         for k, v in list(eff.items()):
             if k.endswith("_s") and isinstance(v, float):
                 eff[k] = v * f
+        eff["rank_contention"] = eff.get("rank_contention", 1.0) * f
         eff["source"] = f"EXTRAPOLATED to {nproc} ranks by time sharing: " + eff["source"]
     chip["source"] = f"EXTRAPOLATED to {nproc} ranks from {base.n_chips}: " + chip["source"]
     level = dataclasses.replace(base.levels[0], size=nproc, latency_s=base.levels[0].latency_s * f,
