@@ -9,6 +9,7 @@ import pytest
 
 from workbench import calibrate, costmodel, hardware, models
 from workbench.calibrate_collectives import fit_collectives, merge_ranks
+from workbench.calibrate_ops import op_key
 from workbench.costmodel.efficiency import (Curve, efficiency_for, efficiency_from_dict,
                                             efficiency_to_dict)
 
@@ -217,16 +218,19 @@ def test_prediction_cluster_uses_the_world_calibrated_for_the_ranks():
         2 * efficiency_for(base.chip).rank_contention)
 
 
-def test_pipeline_bubble_shrinks_when_idle_ranks_free_shared_cores():
+def test_pipeline_bubble_is_the_other_stages_and_shrinks_on_shared_cores():
     from workbench.costmodel.engine import pipeline_bubble_s
-    # own cores: (pp - 1) / vpp slots of the stage: 2 ms x 3 = 6 ms; with vpp 2: 2 x 1.5 = 3
-    assert pipeline_bubble_s(2e-3, 4, 4, 1) == pytest.approx(6e-3)
-    assert pipeline_bubble_s(2e-3, 4, 4, 2) == pytest.approx(3e-3)
-    # 2 ranks per core, stage time measured with all busy: max(4 x 2, 7 x 2 / 2) - 8 = 0 ms;
-    # with 2 microbatches: max(2 x 2, 5 x 2 / 2) - 4 = 1 ms; no pipeline: nothing
-    assert pipeline_bubble_s(2e-3, 4, 4, 1, 2.0) == pytest.approx(0.0)
-    assert pipeline_bubble_s(2e-3, 2, 4, 1, 2.0) == pytest.approx(1e-3)
-    assert pipeline_bubble_s(2e-3, 2, 1, 1, 2.0) == pytest.approx(0.0)
+    # own cores, 4 balanced stages of 2 ms: the 3 others' 6 ms; with vpp 2: 3 ms
+    assert pipeline_bubble_s(2e-3, 6e-3, 4, 4, 1) == pytest.approx(6e-3)
+    assert pipeline_bubble_s(2e-3, 6e-3, 4, 4, 2) == pytest.approx(3e-3)
+    # 2 stages of 5 ms and 3 ms: the slow one waits 3 ms for the other's fill and drain
+    assert pipeline_bubble_s(5e-3, 3e-3, 2, 2, 1) == pytest.approx(3e-3)
+    # 2 ranks per core, 4 balanced stages, 4 microbatches: critical path (8 + 6) / 2 = 7 ms,
+    # the cores' work 4 x (2 + 6) / 4 = 8 ms = m x T: no bubble; with 2 microbatches:
+    # max((4 + 6) / 2, 2 x 8 / 4) - 4 = 1 ms; no pipeline: nothing
+    assert pipeline_bubble_s(2e-3, 6e-3, 4, 4, 1, 2.0) == pytest.approx(0.0)
+    assert pipeline_bubble_s(2e-3, 6e-3, 2, 4, 1, 2.0) == pytest.approx(1e-3)
+    assert pipeline_bubble_s(2e-3, 0.0, 2, 1, 1, 2.0) == pytest.approx(0.0)
 
 
 def test_the_calibrated_worlds_say_how_many_ranks_share_a_core():
@@ -260,6 +264,7 @@ def _parser():
     (["calibrate", "--device", "tpu"], "device must be one of cpu, cuda, got 'tpu'"),
     (["calibrate", "--world", "2,x"], "--world must be comma-separated integers"),
     (["calibrate", "--world", "0"], "--world must list world sizes >= 1"),
+    (["calibrate", "--ops-for", "no-such-study.toml"], "no-such-study.toml"),
 ])
 def test_bad_arguments_exit_2_naming_the_field(capsys, argv, message):
     args = _parser().parse_args(argv)
@@ -269,7 +274,13 @@ def test_bad_arguments_exit_2_naming_the_field(capsys, argv, message):
 
 def test_quick_calibrate_writes_a_profile_the_cost_model_loads(tmp_path, capfd):
     out = tmp_path / "cal.json"
-    args = _parser().parse_args(["calibrate", "--quick", "--world", "2", "--out", str(out)])
+    study = tmp_path / "one.toml"  # the ops of one tiny model, timed at their shapes
+    study.write_text('[study]\nname = "one"\nquestion = "q"\ndo = ["predict"]\n'
+                     '[cluster]\npreset = "cpu"\n[[models]]\nname = "alexnet-tiny"\n'
+                     '[sweep]\nchips = [2]\nglobal_batch_per_chip = 4\n'
+                     '[plan]\nplans = ["dp=*,mb=2,dtype=fp32"]\n')
+    args = _parser().parse_args(["calibrate", "--quick", "--world", "2", "--out", str(out),
+                                 "--ops-for", str(study)])
     assert args.func(args) == 0
     text = capfd.readouterr().out  # rank 0 prints its progress from its own process
     assert "collectives" in text and f"wrote {out}" in text
@@ -280,3 +291,8 @@ def test_quick_calibrate_writes_a_profile_the_cost_model_loads(tmp_path, capfd):
     assert eff.dispatch_s("linear") > 0 and eff.optimizer_tensor_s > 0
     e = costmodel.estimate(costmodel.graph("llama-tiny"), "fsdp=2,gbs=4,mb=2,dtype=fp32", cluster)
     assert e.step_time_s > 0 and e.breakdown_s["fsdp_exposed_s"] > 0
+    # alexnet-tiny at microbatch 2: its 5 convolutions and 3 linear layers, each measured
+    graph = costmodel.graph(models.get("alexnet-tiny"), batch=2)
+    assert set(eff.op_kernels_s) == {
+        op_key(l.kind, l.fwd_flops, l.bwd_flops, l.params) for l in graph.layers
+        if l.kind in ("linear", "conv")}

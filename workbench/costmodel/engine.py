@@ -260,7 +260,8 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
 
     out = {name: np.zeros(n) for name in (
         "compute_s", "recompute_s", "tp_comm_s", "cp_comm_s", "ep_comm_s", "pp_comm_s",
-        "fsdp_exposed_s", "bubble_s", "stage_time_mb_s", "bottleneck_stage", "stage_params",
+        "fsdp_exposed_s", "bubble_s", "stage_time_mb_s", "others_mb_s", "bottleneck_stage",
+        "stage_params",
         "stage_units", "stage_bwd_mb_s", "stage_root_params", "stage_tensors",
         "stage_tp_tensors", "stage_sp_tensors")}
     _, row_tensors, row_tp_tensors = layer_facts(prof)
@@ -286,6 +287,7 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
             out[k][idx] = pick(v)
         out["pp_comm_s"][idx] = pp_mb[idx]
         out["stage_time_mb_s"][idx] = pick(total)
+        out["others_mb_s"][idx] = total.sum(axis=0) - pick(total)  # the other stages' times
         out["bottleneck_stage"][idx] = worst
         out["stage_bwd_mb_s"][idx] = pick(sc @ cols(t_b))
         stage_params = sc @ cols(p_sig)                      # stage x k
@@ -300,8 +302,9 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
 
     _data_parallel(out, plans, cluster, opt, records, elem)
     out["stage_time_mb_s"] += out["fsdp_exposed_s"]
-    out["bubble_s"] = pipeline_bubble_s(out["stage_time_mb_s"], m, plans.pp, plans.vpp,
-                                        eff.rank_contention)
+    out["others_mb_s"] += out["fsdp_exposed_s"] * (plans.pp - 1)
+    out["bubble_s"] = pipeline_bubble_s(out["stage_time_mb_s"], out["others_mb_s"], m, plans.pp,
+                                        plans.vpp, eff.rank_contention)
     out["microbatch_time_s"] = out["stage_time_mb_s"] * m
     out["step_time_s"] = (out["microbatch_time_s"] + out["bubble_s"] + out["dp_exposed_s"]
                           + out["zero_gather_s"] + out["optimizer_s"])
@@ -311,15 +314,22 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
     return out
 
 
-def pipeline_bubble_s(stage_mb_s, microbatches, pp, vpp, rank_contention=1.0):
-    """The pipeline bubble: (pp - 1) / vpp microbatch slots of the slowest stage (Narayanan et
-    al. 2021). On a host whose ranks share cores (`rank_contention` c > 1 ranks per core, the
-    stage time measured with every rank busy), a stage that runs while others idle runs up to
-    c times faster, and the cores are the limit: the whole schedule takes
-    max(m x T, (m + slots) x T / c), so the bubble is what that adds to m x T."""
-    slots = (np.asarray(pp) - 1) / np.asarray(vpp)
+def pipeline_bubble_s(stage_mb_s, others_mb_s, microbatches, pp, vpp, rank_contention=1.0):
+    """Seconds the pipeline adds to the slowest stage's `microbatches` x `stage_mb_s`.
+
+    In a 1F1B schedule the slowest stage waits, once per model chunk, for the other stages'
+    forward and backward of one microbatch (their fill and drain): the bubble is the sum of
+    the other stages' per-microbatch times over vpp, (pp - 1) / vpp x T when the stages are
+    balanced (Narayanan et al. 2021). On a host whose ranks share cores (`rank_contention`
+    c > 1 ranks per core, stage times measured with every rank busy), a stage that runs while
+    others wait runs up to c times faster, and the cores are the limit: the schedule takes
+    max((m x T + others / vpp) / c, m x (T + others) / pp), the second the stages' work
+    spread over the cores; the bubble is what that adds to m x T (never below 0)."""
+    pp, vpp = np.asarray(pp), np.asarray(vpp)
     work = stage_mb_s * microbatches
-    return np.maximum(work, stage_mb_s * (microbatches + slots) / rank_contention) - work
+    critical = (work + others_mb_s / vpp) / rank_contention
+    cores = np.where(rank_contention > 1, microbatches * (stage_mb_s + others_mb_s) / pp, 0.0)
+    return np.where(pp > 1, np.maximum(0.0, np.maximum(critical, cores) - work), 0.0)
 
 
 def _record_per_op(records, name, kind, group, n, stride, size_sig, passes_sig, counts, prof,
