@@ -288,7 +288,8 @@ def test_quick_calibrate_writes_a_profile_the_cost_model_loads(tmp_path, capfd):
     eff = efficiency_for(cluster.chip)
     assert cluster.levels[0].size == 2 and cluster.levels[0].bandwidth_Bps > 0
     assert set(eff.curves_fwd) == {"linear", "batched_matmul", "attention", "conv", "lstm"}
-    assert eff.dispatch_s("linear") > 0 and eff.optimizer_tensor_s > 0
+    # quick settings are noisy: a kind's fitted dispatch may come out 0, not all of them
+    assert sum(eff.dispatch_fwd_s.values()) > 0 and eff.optimizer_tensor_s > 0
     e = costmodel.estimate(costmodel.graph("llama-tiny"), "fsdp=2,gbs=4,mb=2,dtype=fp32", cluster)
     assert e.step_time_s > 0 and e.breakdown_s["fsdp_exposed_s"] > 0
     # alexnet-tiny at microbatch 2: its 5 convolutions and 3 linear layers, each measured

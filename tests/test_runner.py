@@ -157,12 +157,7 @@ def test_every_family_runs_ddp_and_fsdp_like_one_process(families_world2, index)
     check_equivalence(families_world2, index, model, plan)
 
 
-# LSTM and the captioner have no pipeline split, so the runner can only shard them at the
-# root; every other family gets one FSDP group per layer-graph unit, as the cost model counts.
-ROOT_ONLY_FSDP = {"lstm-tiny", "captioner-tiny"}
-
-
-@pytest.mark.parametrize("model", [n for n in FAMILIES if n not in ROOT_ONLY_FSDP])
+@pytest.mark.parametrize("model", FAMILIES)
 def test_fsdp_gathers_and_reduces_once_per_unit_as_the_cost_model_counts(families_world2, model):
     # FSDP2 gathers each unit's weights before its forward and again before its backward and
     # the root's once per microbatch; one reduce-scatter per unit and the root per step.

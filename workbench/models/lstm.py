@@ -2,10 +2,13 @@
 Regularization", arXiv 1409.2329), optionally with tied input/output embeddings (Press & Wolf
 2017, "Using the Output Embedding to Improve Language Models", arXiv 1608.05859).
 
-Token ids -> `encoder` (embedding) -> dropout -> stacked `rnn` (nn.LSTM, dropout between
-layers) -> dropout -> `decoder` (linear over the vocabulary), the layout and names of the
-PyTorch port, pytorch/examples `word_language_model/model.py` (`RNNModel`). Dropout sits on
-the non-recurrent connections only, as in the paper. Penn Treebank setting: 10k vocabulary,
+Token ids -> `encoder` (embedding) -> dropout -> stacked `layers` (one single-layer
+nn.LSTM each, dropout between them) -> dropout -> `decoder` (linear over the vocabulary), the
+layout of the PyTorch port, pytorch/examples `word_language_model/model.py` (`RNNModel`),
+with its multi-layer nn.LSTM written as the same layers one module each (the same maths and
+parameters, dropout on each output but the last as nn.LSTM applies it), so that FSDP can
+shard each layer as a unit. Dropout sits on the non-recurrent connections only, as in the
+paper. Penn Treebank setting: 10k vocabulary,
 35 unrolled steps; medium = 2 x 650 units (dropout 0.5, init +-0.05), large = 2 x 1500 units
 (dropout 0.65, init +-0.04).
 
@@ -71,8 +74,10 @@ class LSTMLanguageModel(nn.Module):
         self.cfg = cfg
         self.encoder = nn.Embedding(cfg.vocab, cfg.embed)
         self.drop_in = nn.Dropout(cfg.dropout)
-        self.rnn = nn.LSTM(cfg.embed, cfg.hidden, cfg.layers, batch_first=True,
-                           dropout=cfg.dropout if cfg.layers > 1 else 0.0)
+        self.layers = nn.ModuleList(
+            nn.LSTM(cfg.embed if i == 0 else cfg.hidden, cfg.hidden, batch_first=True)
+            for i in range(cfg.layers))
+        self.drop_between = nn.Dropout(cfg.dropout)
         self.drop_out = nn.Dropout(cfg.dropout)
         self.decoder = nn.Linear(cfg.hidden, cfg.vocab)
         for p in self.parameters():
@@ -81,8 +86,11 @@ class LSTMLanguageModel(nn.Module):
             self.decoder.weight = self.encoder.weight
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.drop_in(self.encoder(tokens))     # (B, S, E)
-        y, _ = self.rnn(x)                         # (B, S, H); h_0 = c_0 = 0
+        y = self.drop_in(self.encoder(tokens))     # (B, S, E)
+        for i, layer in enumerate(self.layers):
+            if i:
+                y = self.drop_between(y)           # between layers, as nn.LSTM's dropout
+            y, _ = layer(y)                        # (B, S, H); h_0 = c_0 = 0
         return self.decoder(self.drop_out(y))      # (B, S, V)
 
 

@@ -406,8 +406,11 @@ def _unit_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
         return [(encoder.layers, str(i)) if isinstance(encoder.layers, nn.ModuleList)
                 else (encoder.layers, n) for i, (n, _) in enumerate(encoder.layers.named_children())]
     slots = []
-    for s in range(1, 5):
-        stage = getattr(model, f"layer{s}", None)
-        if isinstance(stage, nn.Sequential):
-            slots += [(stage, n) for n, _ in stage.named_children()]
+    for holder in (model, getattr(model, "encoder", None)):  # a ResNet, or one as an encoder
+        for s in range(1, 5):
+            stage = getattr(holder, f"layer{s}", None)
+            if isinstance(stage, nn.Sequential):
+                slots += [(stage, n) for n, _ in stage.named_children()]
+        if slots:
+            break
     return slots

@@ -1,7 +1,7 @@
 """Analytic graph of `workbench.models.lstm.LSTMLanguageModel`.
 
-Each LSTM layer is a pipeline unit (`rnn.layer{i}`, the name the tracer gives the layers of
-an `nn.LSTM`); the embedding goes on the first stage, dropout, output projection and loss on
+Each LSTM layer is a pipeline unit (`layers.{i}.layer0`, the name the tracer gives the one
+layer of the model's i-th `nn.LSTM`); the embedding goes on the first stage, dropout, output projection and loss on
 the last. Tensor parallelism does not split recurrent models (`tp="none"` throughout).
 """
 from __future__ import annotations
@@ -22,10 +22,10 @@ def lstm_graph(cfg: LSTMConfig, batch: int, dtype_bytes: int) -> LayerGraph:
     if cfg.dropout:
         b.add("drop_in", "elementwise", elements=t * cfg.embed, unit=PRE_UNIT)
     for i in range(cfg.layers):
-        b.add(f"rnn.layer{i}", "lstm", batch=batch, seq=s,
+        b.add(f"layers.{i}.layer0", "lstm", batch=batch, seq=s,
               input_size=cfg.embed if i == 0 else cfg.hidden, hidden=cfg.hidden, unit=i)
-        if cfg.dropout and i < cfg.layers - 1:  # nn.LSTM's dropout on each output but the last
-            b.add(f"rnn.layer{i}.dropout", "elementwise", elements=t * cfg.hidden, unit=i)
+        if cfg.dropout and i < cfg.layers - 1:  # dropout on each output but the last
+            b.add(f"layers.{i}.dropout", "elementwise", elements=t * cfg.hidden, unit=i)
     if cfg.dropout:
         b.add("drop_out", "elementwise", elements=t * cfg.hidden, unit=POST_UNIT)
     b.add("decoder", "linear", tokens=t, in_features=cfg.hidden, out_features=cfg.vocab,
