@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from workbench import calibrate, costmodel, hardware, models
+from workbench import calibrate, calibrate_blocks, costmodel, hardware, models
 from workbench.calibrate_collectives import fit_collectives, merge_ranks
 from workbench.calibrate_ops import op_key
 from workbench.costmodel.efficiency import (Curve, efficiency_for, efficiency_from_dict,
@@ -71,7 +71,7 @@ def test_fit_dispatch_recovers_per_kind_costs_from_blocks():
     blocks = {n: {"fwd_s": sum(true[k] + 1e-6 for k in ks),
                   "bwd_s": sum(2 * true[k] + 1e-6 for k in ks),
                   "ops": [[k, {}] for k in ks]} for n, ks in ops.items()}
-    fit = calibrate.fit_dispatch(blocks, lambda kind, shape, backward: 1e-6)
+    fit = calibrate_blocks.fit_dispatch(blocks, lambda kind, shape, backward: 1e-6)
     for kind, v in true.items():
         assert fit["fwd_s"][kind] == pytest.approx(v, rel=1e-9)
         assert fit["bwd_s"][kind] == pytest.approx(2 * v, rel=1e-9)

@@ -1,0 +1,197 @@
+"""Framework costs measured by `workbench calibrate` on a world of ranks.
+
+Each from several sizes of a tiny synthetic model, so that fixed start-up costs cancel, and
+beyond the same model unsplit and the modelled collectives: DDP per microbatch, parameter
+tensor and step; FSDP2 per unit all-gather and reduction; distributed-tensor ops under tensor
+parallelism; pipeline-schedule actions; ring-attention steps; AdamW on distributed-tensor
+parameters. Every rank runs them at once (`calibrate_collectives.measure_rank`).
+"""
+from __future__ import annotations
+
+from .calibrate import Settings, chain_times, nnls, optimizer_tensor_s
+from .calibrate_collectives import _timed
+
+
+def _dp_step_s(units: int, micro: int, mode: str, settings: Settings) -> float:
+    """Seconds of forward + backward of `micro` microbatches through `units` Linear(16, 16)
+    units plus a root Linear: `plain`, `fsdp` (FSDP2 per unit and root, gradients reduced on
+    the last microbatch only, as the runner does) or `ddp` (DDP with bucket-view gradients,
+    no_sync but on the last microbatch, as the runner does)."""
+    import contextlib
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    dev, d = settings.device, 16
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(d, d, device=dev) for _ in range(units + 1)])
+    run = model
+    if mode == "fsdp":
+        mesh = init_device_mesh(dev, (dist.get_world_size(),))
+        for unit in model[1:]:
+            fully_shard(unit, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    elif mode == "ddp":
+        run = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False,
+                                                        gradient_as_bucket_view=True)
+    x = torch.randn(2, d, device=dev)
+
+    def step():
+        for i in range(micro):
+            last = i == micro - 1
+            if mode == "fsdp":
+                model.set_requires_gradient_sync(last)
+            ctx = run.no_sync() if mode == "ddp" and not last else contextlib.nullcontext()
+            with ctx:
+                run(x).sum().backward()
+    return _timed(step, dev, 3 if settings.quick else 8, max(5, settings.repeats))
+
+
+def measure_fsdp(settings: Settings) -> dict:
+    """FSDP2's seconds per unit all-gather (`gather_s`, 2 per unit and microbatch) and per unit
+    reduction (`reduce_s`, 1 per unit and step) beyond the unsharded model, fitted (>= 0) to
+    2 and 8 units at 1 and 2 microbatches; `unit_bytes` of each unit."""
+    rows, ys = [], []
+    for micro in (1, 2):
+        for units in (2, 8):
+            extra = (_dp_step_s(units, micro, "fsdp", settings)
+                     - _dp_step_s(units, micro, "plain", settings))
+            rows.append([2 * micro * units, units, 1.0])
+            ys.append(extra)
+    gather, reduce, _ = nnls(rows, ys)
+    return {"gather_s": float(gather), "reduce_s": float(reduce), "unit_bytes": (16 * 16 + 16) * 4}
+
+
+def measure_ddp(settings: Settings) -> dict:
+    """DDP's seconds beyond the plain model, fitted (>= 0) over 2, 5 and 8 units at 1 and 2
+    microbatches: per microbatch (`microbatch_s`), per parameter tensor and microbatch
+    (`tensor_s`, the autograd hooks) and per step (`step_s`, with the one bucket's
+    all-reduce of `bytes_per_unit` x units + the root in it)."""
+    rows, ys = [], []
+    for micro in (1, 2):
+        for units in (2, 5, 8):
+            extra = (_dp_step_s(units, micro, "ddp", settings)
+                     - _dp_step_s(units, micro, "plain", settings))
+            tensors = 2 * (units + 1)
+            rows.append([micro, micro * tensors, 1.0])
+            ys.append(extra)
+    micro_s, tensor_s, step_s = nnls(rows, ys)
+    return {"microbatch_s": float(micro_s), "tensor_s": float(tensor_s), "step_s": float(step_s),
+            "bytes_per_unit": (16 * 16 + 16) * 4}
+
+
+def measure_tp(settings: Settings) -> dict:
+    """Extra forward and backward seconds per tensor-parallel op (a ColwiseParallel +
+    RowwiseParallel pair of Linear(16, 32) / Linear(32, 16) per block, over all ranks) against
+    the same blocks unsplit, per op (two ops per block, one all-reduce each way), and the
+    all-reduce bytes."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   parallelize_module)
+    dev, world = settings.device, dist.get_world_size()
+    mesh = init_device_mesh(dev, (world,))
+
+    def make(split):
+        def build(length):
+            blocks = torch.nn.Sequential(*[torch.nn.Sequential(
+                torch.nn.Linear(16, 32, device=dev), torch.nn.Linear(32, 16, device=dev))
+                for _ in range(length)])
+            if split:
+                parallelize_module(blocks, mesh, {f"{i}.{j}": style for i in range(length)
+                                                  for j, style in ((0, ColwiseParallel()),
+                                                                   (1, RowwiseParallel()))})
+            x = torch.randn(8, 16, device=dev)
+            return lambda: blocks(x)
+        return build
+    lengths = (1, 3)
+    split = _collective_chain(make(True), lengths, settings)
+    plain = _collective_chain(make(False), lengths, settings)
+    return {"fwd_s": (split[0] - plain[0]) / 2, "bwd_s": (split[1] - plain[1]) / 2,
+            "allreduce_bytes": 8 * 16 * 4}
+
+
+def _collective_chain(build, lengths, settings: Settings) -> tuple[float, float]:
+    """Per-block (forward, backward) seconds: the slope between `lengths` blocks of forward,
+    and of forward + backward less forward, each with a fixed count on every rank (the
+    blocks run collectives)."""
+    fwd, both = [], []
+    reps = max(3, settings.repeats // 2)
+    for length in lengths:
+        forward = build(length)
+        inner = 5 if settings.quick else 12
+        fwd.append(_timed(forward, settings.device, inner, reps))
+        both.append(_timed(lambda: forward().sum().backward(), settings.device, inner, reps))
+    n = lengths[1] - lengths[0]
+    f = (fwd[1] - fwd[0]) / n
+    return f, (both[1] - both[0]) / n - f
+
+
+def measure_pp(settings: Settings) -> dict:
+    """Per-microbatch seconds of a GPipe pipeline over all ranks (one Linear(16, 16) stage
+    each, microbatches of 2 rows): the slope between 2 and 6 microbatches, beside one
+    stage's own forward + backward (`stage_s`) and the message bytes."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+    from .calibrate import _linear
+    dev, world, rank = settings.device, dist.get_world_size(), dist.get_rank()
+    times = {}
+    for micro in (2, 6):
+        torch.manual_seed(0)
+        stage = PipelineStage(torch.nn.Linear(16, 16, device=dev), rank, world,
+                              torch.device(dev))
+        sched = ScheduleGPipe(stage, n_microbatches=micro,
+                              loss_fn=lambda out, target: out.pow(2).mean())
+        x = torch.randn(2 * micro, 16, device=dev)
+        target = torch.zeros(2 * micro, 16, device=dev)
+
+        def step():
+            if rank == 0:
+                sched.step(x)
+            elif rank == world - 1:
+                sched.step(target=target, losses=[])
+            else:
+                sched.step()
+        times[micro] = _timed(step, dev, 3 if settings.quick else 8, max(3, settings.repeats))
+    f, b = chain_times(_linear((2, 16), dev)[0], settings)
+    return {"per_microbatch_s": (times[6] - times[2]) / 4, "stage_s": f + b,
+            "message_bytes": 2 * 16 * 4}
+
+
+def measure_cp(settings: Settings) -> dict:
+    """Extra seconds of ring attention (forward + backward, causal, over all ranks) against
+    the same local attention alone, and the K/V bytes of the whole sequence."""
+    import torch
+    import torch.nn.functional as F
+    import torch.distributed as dist
+    from .runner.ring_attention import ring_attention
+    dev, world = settings.device, dist.get_world_size()
+    shape = (1, 2, 8, 8)  # batch, heads, local sequence, head dim
+    q, k, v = (torch.randn(*shape, device=dev, requires_grad=True) for _ in range(3))
+
+    def ring():
+        ring_attention(q, k, v, None, causal=True).sum().backward()
+
+    def local():
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+    reps, inner = max(3, settings.repeats), 5 if settings.quick else 12
+    extra = _timed(ring, dev, inner, reps) - _timed(local, dev, inner, reps)
+    return {"extra_s": extra, "kv_bytes": 2 * 2 * 8 * world * 8 * 4}
+
+
+def measure_dtensor_optimizer(settings: Settings) -> float:
+    """`optimizer_tensor_s` of 32 sharded distributed tensors (64 elements per rank)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    mesh = init_device_mesh(settings.device, (dist.get_world_size(),))
+    params = []
+    for _ in range(32):
+        full = torch.randn(64 * dist.get_world_size(), device=settings.device)
+        p = torch.nn.Parameter(distribute_tensor(full, mesh, [Shard(0)]))
+        p.grad = distribute_tensor(torch.randn_like(full), mesh, [Shard(0)])
+        params.append(p)
+    return optimizer_tensor_s(params, settings)
