@@ -1,11 +1,11 @@
 """The CPU validation set: every point trained for real, beside its calibrated prediction.
 
 Run: .venv/bin/python benchmarks/cpu_validation.py [--world 2,4] [--only SUBSTRING]
-     [--steps 8] [--warmup 2] [--json FILE]
+     [--steps 8] [--warmup 2] [--repeat 3] [--json FILE]
 
 Each point (a model flavour with its overrides, a plan, a world size) runs with
 `workbench.runner.run` (gloo, one torch thread per rank; `steps` timed steps after `warmup`,
-median step time) and is predicted by the cost model with the calibrated `cpu` profile
+median step time; with `--repeat N`, the median over N runs in fresh processes) and is predicted by the cost model with the calibrated `cpu` profile
 (`workbench/data/cpu.json`, `workbench calibrate`; `run` returns the prediction). The table
 gives measured and predicted step times and the error (predicted / measured - 1), then the
 largest and the median absolute error against the targets (15% and 8%). Failed points are
@@ -56,21 +56,30 @@ def check(point: dict) -> str | None:
     return None
 
 
-def measure(point: dict, steps: int, warmup: int) -> dict:
-    """Run one point; its measured and predicted step times (or the error)."""
+def measure(point: dict, steps: int, warmup: int, repeat: int = 1) -> dict:
+    """Run one point `repeat` times (fresh processes each); the median of the runs' median
+    step times beside the prediction (or the error). Between runs of the same point on this
+    shared machine the median step time moves by ~9% (median) and up to ~50%, so `repeat` > 1
+    is what makes a table worth comparing."""
     from workbench.runner import run
     why = check(point)
     if why:
         return {**point, "error": why}
-    try:
-        out = run(point["model"], point["plan"], point["world"], overrides=point["overrides"],
-                  steps=steps, warmup=warmup, timeout_s=300)
-    except Exception as e:  # a failed run is reported, not fatal
-        return {**point, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-    measured, predicted = out["step_time_s"], out["predicted"]["step_time_s"]
+    runs = []
+    for _ in range(repeat):
+        try:
+            runs.append(run(point["model"], point["plan"], point["world"],
+                            overrides=point["overrides"], steps=steps, warmup=warmup,
+                            timeout_s=300))
+        except Exception as e:  # a failed run is reported, not fatal
+            return {**point, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    measured = statistics.median(out["step_time_s"] for out in runs)
+    predicted = runs[0]["predicted"]["step_time_s"]
     return {**point, "measured_s": measured, "predicted_s": predicted,
-            "error_rel": predicted / measured - 1, "step_times_s": out["step_times_s"],
-            "breakdown_s": out["predicted"]["breakdown_s"]}
+            "error_rel": predicted / measured - 1,
+            "run_medians_s": [out["step_time_s"] for out in runs],
+            "step_times_s": runs[0]["step_times_s"],
+            "breakdown_s": runs[0]["predicted"]["breakdown_s"]}
 
 
 def table(rows: list[dict]) -> str:
@@ -103,15 +112,19 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="only points whose 'model plan' contains this")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs per point (fresh processes each; the median is kept)")
     ap.add_argument("--json", default=None, help="also write every row to this file")
     args = ap.parse_args(argv)
+    if args.repeat < 1:
+        ap.error(f"--repeat must be >= 1, got {args.repeat}")
     worlds = tuple(int(w) for w in args.world.split(","))
     rows = []
     start = time.perf_counter()
     for p in points(worlds):
         if args.only and args.only not in f"{p['model']} {p['plan']}":
             continue
-        rows.append(measure(p, args.steps, args.warmup))
+        rows.append(measure(p, args.steps, args.warmup, args.repeat))
         r = rows[-1]
         note = r.get("error") or f"{r['measured_s'] * 1e3:.2f} ms vs {r['predicted_s'] * 1e3:.2f} ms"
         print(f"  [{time.perf_counter() - start:6.0f} s] {p['model']} {p['plan']} w{p['world']}: "
