@@ -261,8 +261,7 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
     out = {name: np.zeros(n) for name in (
         "compute_s", "recompute_s", "tp_comm_s", "cp_comm_s", "ep_comm_s", "pp_comm_s",
         "fsdp_exposed_s", "bubble_s", "stage_time_mb_s", "others_mb_s", "bottleneck_stage",
-        "stage_params",
-        "stage_units", "stage_bwd_mb_s", "stage_root_params", "stage_tensors",
+        "stage_params", "stage_units", "stage_bwd_mb_s", "stage_root_params", "stage_tensors",
         "stage_tp_tensors", "stage_sp_tensors")}
     _, row_tensors, row_tp_tensors = layer_facts(prof)
     pre_params, post_params = counts[0] @ p_sig, counts[-1] @ p_sig  # FSDP roots: N each
