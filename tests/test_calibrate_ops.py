@@ -2,7 +2,6 @@
 cost model."""
 import dataclasses
 
-import numpy as np
 import pytest
 
 from workbench import costmodel, hardware, models
@@ -101,4 +100,3 @@ def test_the_table_round_trips_through_the_profile_format():
     back = efficiency_from_dict(d)
     assert back.op_kernels_s == {"fp32:linear:512:1024:256": (1e-6, 2e-6)}
     assert efficiency_from_dict(efficiency_to_dict(back)) == back
-    assert np.isfinite(list(back.op_kernels_s.values())).all()

@@ -212,7 +212,7 @@ def run_world(ranks: int, settings: Settings, timeout_s: float = 1800.0) -> list
     """Run `measure_rank` on `ranks` concurrent processes; every rank's figures, by rank.
     RuntimeError naming the rank when one fails."""
     import torch.multiprocessing as mp
-    from .runner.launch import free_port
+    from .runner.launch import free_port, stop
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
@@ -236,10 +236,7 @@ def run_world(ranks: int, settings: Settings, timeout_s: float = 1800.0) -> list
                 raise RuntimeError(f"calibrate: rank {rank} failed: {payload}")
             got[rank] = payload
     finally:
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
+        stop(procs)
     return [got[r] for r in range(ranks)]
 
 

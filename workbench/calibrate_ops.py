@@ -17,6 +17,8 @@ keep the curves.
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Callable
 
 MEASURED_KINDS = ("linear", "batched_matmul", "conv", "attention", "lstm")
@@ -103,6 +105,7 @@ def build_op(kind: str, shape: dict, device: str) -> Callable[[], object] | None
     if kind == "batched_matmul":
         b, mm, k, n = shape["batch"], shape["m"], shape["k"], shape["n"]
         x = torch.randn(b, mm, k, device=device, requires_grad=grad_in)
+        # a learned right side needs its gradient; with neither, backward would have no work
         w = torch.randn(b, k, n, device=device, requires_grad=bool(shape.get("params")) or
                         not grad_in)
         return lambda: torch.bmm(x, w)
@@ -173,8 +176,6 @@ def measure_ops(ops: dict[str, tuple[str, dict]], settings, sync: Callable[[], N
 def table_from_dict(d, where: str) -> dict[str, tuple[float, float]]:
     """A profile's `op_kernels_s` table, checked: keys `op_key` strings of measured kinds,
     values [forward, backward] seconds >= 0. ValueError naming the entry otherwise."""
-    from collections.abc import Mapping
-    import math
     if not isinstance(d, Mapping):
         raise ValueError(f"{where} must be a table of op key -> [forward_s, backward_s]")
     out = {}

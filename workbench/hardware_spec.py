@@ -59,7 +59,7 @@ def _text(value: Any, where: str) -> str:
 
 def _keys(d: Any, where: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
     """Strict key check: every `required` key present, nothing outside required + optional."""
-    if not isinstance(d, dict):
+    if not isinstance(d, Mapping):
         raise ValueError(f"{where} must be a table/object, got {type(d).__name__}")
     unknown = [k for k in d if k not in required and k not in optional]
     if unknown:

@@ -34,6 +34,7 @@ from types import MappingProxyType
 import numpy as np
 
 from ..calibrate_ops import table_from_dict
+from ..hardware_spec import _keys
 
 
 @dataclass(frozen=True)
@@ -252,15 +253,7 @@ def _kind_table(d, where: str, parse) -> dict:
 def efficiency_from_dict(d, where: str = "efficiency") -> ChipEfficiency:
     """A chip's measured figures from a profile file's `efficiency` table; unknown or missing
     keys and values out of range raise ValueError naming the field."""
-    if not isinstance(d, Mapping):
-        raise ValueError(f"{where} must be a table/object")
-    unknown = [k for k in d if k not in _REQUIRED + _OPTIONAL]
-    if unknown:
-        raise ValueError(f"{where}: unknown key {unknown[0]!r} (allowed: "
-                         f"{', '.join(_REQUIRED + _OPTIONAL)})")
-    missing = [k for k in _REQUIRED if k not in d]
-    if missing:
-        raise ValueError(f"{where}: missing key {missing[0]!r}")
+    _keys(d, where, _REQUIRED, _OPTIONAL)
     if not isinstance(d["source"], str) or not d["source"].strip():
         raise ValueError(f"{where}.source must be a non-empty string")
     fwd = _kind_table(d["curves"], f"{where}.curves", _curve_from_dict)

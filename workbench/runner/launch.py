@@ -124,8 +124,13 @@ def launch(spec: RunSpec | list[RunSpec], nproc: int, timeout_s: float = 120.0,
                 _raise_root_cause(procs, got, rank, payload)
             got[rank] = payload
     finally:
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
+        stop(procs)
     return [got[r] for r in range(nproc)]
+
+
+def stop(procs) -> None:
+    """Join each process (5 s grace), killing the ones still alive."""
+    for p in procs:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
