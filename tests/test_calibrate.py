@@ -297,3 +297,28 @@ def test_quick_calibrate_writes_a_profile_the_cost_model_loads(tmp_path, capfd):
     assert set(eff.op_kernels_s) == {
         op_key(l.kind, l.fwd_flops, l.bwd_flops, l.params) for l in graph.layers
         if l.kind in ("linear", "conv")}
+    # and one microbatch of the whole model, forward and backward
+    from workbench.calibrate_models import model_key
+    assert list(eff.model_passes_s) == [model_key(costmodel.graph(models.get("alexnet-tiny")), 2)]
+    assert all(v > 0 for v in next(iter(eff.model_passes_s.values())))
+
+
+def test_fsdp_fixed_costs_are_charged_per_microbatch_and_per_step():
+    import dataclasses
+    from workbench.costmodel.efficiency import efficiency_to_dict
+    from workbench.hardware import chip_from_dict, chip_to_dict
+    cl = hardware.load_cpu_cluster(2)
+    graph = costmodel.graph("llama-tiny")
+
+    def step_s(plan, **figures):
+        chip = chip_to_dict(cl.chip)
+        chip["efficiency"] = {**efficiency_to_dict(efficiency_for(cl.chip)), **figures}
+        cluster = dataclasses.replace(cl, chip=chip_from_dict(chip, "test chip"))
+        return costmodel.estimate(graph, plan, cluster).step_time_s
+    fsdp = "fsdp=2,mb=2,gbs=8,dtype=fp32"  # 2 microbatches per rank
+    base = step_s(fsdp, fsdp_microbatch_s=0.0, fsdp_step_s=0.0)
+    # 2 microbatches x 1 ms + 3 ms once per step
+    assert step_s(fsdp, fsdp_microbatch_s=1e-3, fsdp_step_s=3e-3) == pytest.approx(base + 5e-3)
+    dp = "dp=2,mb=2,gbs=8,dtype=fp32"  # not sharded: no FSDP costs
+    assert step_s(dp, fsdp_microbatch_s=1e-3, fsdp_step_s=3e-3) == pytest.approx(
+        step_s(dp, fsdp_microbatch_s=0.0, fsdp_step_s=0.0))

@@ -489,6 +489,7 @@ def add_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="few sizes and repeats (tests)")
     p.add_argument("--ops-for", action="append", metavar="STUDY",
                    help="also time every GEMM-like op of this study's points at its exact "
-                        "shape (repeatable; studies/cpu-validation.toml for the CPU loop)")
+                        "shape, and one microbatch of each of its models whole (repeatable; "
+                        "studies/cpu-validation.toml for the CPU loop)")
     p.set_defaults(func=cmd_calibrate)
     return p

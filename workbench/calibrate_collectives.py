@@ -162,6 +162,10 @@ def measure_rank(settings: Settings, log) -> dict:
         ops = study_ops(settings.ops_for)
         log(f"  {len(ops)} ops of {', '.join(settings.ops_for)} at their shapes")
         out["op_kernels"] = measure_ops(ops, settings, sync, log)
+        from .calibrate_models import measure_models, study_models
+        table = study_models(settings.ops_for)
+        log(f"  {len(table)} models of {', '.join(settings.ops_for)}, one microbatch each")
+        out["model_passes"] = measure_models(table, settings, sync, log)
     if dist.get_world_size() == 1:
         return out
     from .calibrate_framework import (measure_cp, measure_ddp, measure_dtensor_optimizer,
@@ -296,6 +300,8 @@ def world_profile(m: dict, ranks: int, settings: Settings, stamp: str) -> dict:
            "optimizer_bytes_per_param": m["optimizer"]["param_s"] * m["memory_Bps"]}
     if m.get("op_kernels"):
         eff["op_kernels_s"] = m["op_kernels"]
+    if m.get("model_passes"):
+        eff["model_passes_s"] = m["model_passes"]
     level = None
     if ranks > 1:
         fit = fit_collectives(m["collectives"], ranks)
@@ -308,6 +314,8 @@ def world_profile(m: dict, ranks: int, settings: Settings, stamp: str) -> dict:
             fsdp_gather_s=max(0.0, fsdp["gather_s"] - t("all_gather", fsdp["unit_bytes"])),
             fsdp_reduce_s=max(0.0, fsdp["reduce_s"]
                               - bw_part("reduce_scatter", fsdp["unit_bytes"])),
+            fsdp_tensor_s=fsdp["tensor_s"], fsdp_microbatch_s=fsdp["microbatch_s"],
+            fsdp_step_s=fsdp["step_s"],
             ddp_microbatch_s=m["ddp"]["microbatch_s"], ddp_tensor_s=m["ddp"]["tensor_s"],
             ddp_step_s=max(0.0, m["ddp"]["step_s"]
                            - t("all_reduce", 3 * m["ddp"]["bytes_per_unit"])),

@@ -12,9 +12,40 @@ from .calibrate import Settings, chain_times, nnls, optimizer_tensor_s
 from .calibrate_collectives import _timed
 
 
-def _dp_step_s(units: int, micro: int, mode: str, settings: Settings) -> float:
-    """Seconds of forward + backward of `micro` microbatches through `units` Linear(16, 16)
-    units plus a root Linear: `plain`, `fsdp` (FSDP2 per unit and root, gradients reduced on
+def _paired(a, b, device: str, inner: int, repeats: int) -> float:
+    """Median over `repeats` samples of (seconds per call of `a` - of `b`), the two timed back
+    to back in each sample (`inner` calls each, every rank starting together), so that the
+    host's drifts cancel in the difference instead of adding to it."""
+    import time
+    import statistics
+    from .calibrate import _sync
+    from .calibrate_collectives import _barrier
+    a(), b()
+    diffs = []
+    for _ in range(repeats):
+        pair = []
+        for fn in (a, b):
+            _barrier(device)
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            _sync(device)
+            pair.append((time.perf_counter() - start) / inner)
+        diffs.append(pair[0] - pair[1])
+    return statistics.median(diffs)
+
+
+def _dp_extra_s(units: int, micro: int, mode: str, settings: Settings,
+                layers: int = 1) -> float:
+    """Seconds a step of `mode` takes beyond the same step `plain` (`_paired`)."""
+    step, plain = (_dp_step(units, micro, m, settings, layers) for m in (mode, "plain"))
+    return _paired(step, plain, settings.device, 3 if settings.quick else 8,
+                   max(5, settings.repeats))
+
+
+def _dp_step(units: int, micro: int, mode: str, settings: Settings, layers: int = 1):
+    """A step: forward + backward of `micro` microbatches through `units` units of `layers`
+    Linear(16, 16) each, plus a root Linear: `plain`, `fsdp` (FSDP2 per unit and root, gradients reduced on
     the last microbatch only, as the runner does) or `ddp` (DDP with bucket-view gradients,
     no_sync but on the last microbatch, as the runner does)."""
     import contextlib
@@ -24,7 +55,9 @@ def _dp_step_s(units: int, micro: int, mode: str, settings: Settings) -> float:
     from torch.distributed.fsdp import fully_shard
     dev, d = settings.device, 16
     torch.manual_seed(0)
-    model = torch.nn.Sequential(*[torch.nn.Linear(d, d, device=dev) for _ in range(units + 1)])
+    model = torch.nn.Sequential(torch.nn.Linear(d, d, device=dev), *[
+        torch.nn.Sequential(*[torch.nn.Linear(d, d, device=dev) for _ in range(layers)])
+        for _ in range(units)])
     run = model
     if mode == "fsdp":
         mesh = init_device_mesh(dev, (dist.get_world_size(),))
@@ -44,22 +77,28 @@ def _dp_step_s(units: int, micro: int, mode: str, settings: Settings) -> float:
             ctx = run.no_sync() if mode == "ddp" and not last else contextlib.nullcontext()
             with ctx:
                 run(x).sum().backward()
-    return _timed(step, dev, 3 if settings.quick else 8, max(5, settings.repeats))
+    return step
 
 
 def measure_fsdp(settings: Settings) -> dict:
-    """FSDP2's seconds per unit all-gather (`gather_s`, 2 per unit and microbatch) and per unit
-    reduction (`reduce_s`, 1 per unit and step) beyond the unsharded model, fitted (>= 0) to
-    2 and 8 units at 1 and 2 microbatches; `unit_bytes` of each unit."""
+    """FSDP2's seconds beyond the unsharded model, fitted (>= 0) over 2 and 8 units of 1 and
+    4 Linear(16, 16) layers at 1 and 2 microbatches, in the engine's terms: per all-gather
+    (`gather_s`: 2 per unit and microbatch, 1 for the root), per parameter tensor gathered
+    (`tensor_s`), per gradient reduction (`reduce_s`: 1 per unit and the root, per step), per
+    microbatch (`microbatch_s`: the root's hooks, the backward's final callback) and per step
+    (`step_s`); `unit_bytes` of a unit of one layer (and of the root)."""
     rows, ys = [], []
     for micro in (1, 2):
         for units in (2, 8):
-            extra = (_dp_step_s(units, micro, "fsdp", settings)
-                     - _dp_step_s(units, micro, "plain", settings))
-            rows.append([2 * micro * units, units, 1.0])
-            ys.append(extra)
-    gather, reduce, _ = nnls(rows, ys)
-    return {"gather_s": float(gather), "reduce_s": float(reduce), "unit_bytes": (16 * 16 + 16) * 4}
+            for layers in (1, 4):
+                extra = _dp_extra_s(units, micro, "fsdp", settings, layers)
+                tensors = 2 * micro * (2 * units * layers + 1)  # weight + bias per layer
+                rows.append([micro * (2 * units + 1), tensors, units + 1, micro, 1.0])
+                ys.append(extra)
+    gather, tensor, reduce, micro_s, step_s = nnls(rows, ys)
+    return {"gather_s": float(gather), "tensor_s": float(tensor), "reduce_s": float(reduce),
+            "microbatch_s": float(micro_s), "step_s": float(step_s),
+            "unit_bytes": (16 * 16 + 16) * 4}
 
 
 def measure_ddp(settings: Settings) -> dict:
@@ -70,8 +109,7 @@ def measure_ddp(settings: Settings) -> dict:
     rows, ys = [], []
     for micro in (1, 2):
         for units in (2, 5, 8):
-            extra = (_dp_step_s(units, micro, "ddp", settings)
-                     - _dp_step_s(units, micro, "plain", settings))
+            extra = _dp_extra_s(units, micro, "ddp", settings)
             tensors = 2 * (units + 1)
             rows.append([micro, micro * tensors, 1.0])
             ys.append(extra)
@@ -105,27 +143,17 @@ def measure_tp(settings: Settings) -> dict:
             x = torch.randn(8, 16, device=dev)
             return lambda: blocks(x)
         return build
-    lengths = (1, 3)
-    split = _collective_chain(make(True), lengths, settings)
-    plain = _collective_chain(make(False), lengths, settings)
-    return {"fwd_s": (split[0] - plain[0]) / 2, "bwd_s": (split[1] - plain[1]) / 2,
-            "allreduce_bytes": 8 * 16 * 4}
-
-
-def _collective_chain(build, lengths, settings: Settings) -> tuple[float, float]:
-    """Per-block (forward, backward) seconds: the slope between `lengths` blocks of forward,
-    and of forward + backward less forward, each with a fixed count on every rank (the
-    blocks run collectives)."""
+    lengths, inner = (1, 5), 5 if settings.quick else 12
+    reps = 3 if settings.quick else max(5, 2 * settings.repeats)
     fwd, both = [], []
-    reps = max(3, settings.repeats // 2)
-    for length in lengths:
-        forward = build(length)
-        inner = 5 if settings.quick else 12
-        fwd.append(_timed(forward, settings.device, inner, reps))
-        both.append(_timed(lambda: forward().sum().backward(), settings.device, inner, reps))
-    n = lengths[1] - lengths[0]
-    f = (fwd[1] - fwd[0]) / n
-    return f, (both[1] - both[0]) / n - f
+    for length in lengths:  # beyond the unsplit blocks, split and unsplit timed in pairs
+        split, plain = make(True)(length), make(False)(length)
+        fwd.append(_paired(split, plain, dev, inner, reps))
+        both.append(_paired(lambda: split().sum().backward(), lambda: plain().sum().backward(),
+                            dev, inner, reps))
+    ops = 2 * (lengths[1] - lengths[0])  # two TP ops per block
+    f = (fwd[1] - fwd[0]) / ops
+    return {"fwd_s": f, "bwd_s": (both[1] - both[0]) / ops - f, "allreduce_bytes": 8 * 16 * 4}
 
 
 def measure_pp(settings: Settings) -> dict:
@@ -177,7 +205,7 @@ def measure_cp(settings: Settings) -> dict:
     def local():
         F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
     reps, inner = max(3, settings.repeats), 5 if settings.quick else 12
-    extra = _timed(ring, dev, inner, reps) - _timed(local, dev, inner, reps)
+    extra = _paired(ring, local, dev, inner, reps)
     return {"extra_s": extra, "kv_bytes": 2 * 2 * 8 * world * 8 * 4}
 
 

@@ -55,6 +55,8 @@ def study_ops(paths) -> dict[str, tuple[str, dict]]:
     seen = set()
     for path in paths:
         for point in load(path).points:
+            if point.plan is None:  # "search the best plan": no shapes to time
+                continue
             plan = Plan.parse(point.plan)
             if plan.tp > 1 or plan.cp > 1:
                 continue
@@ -173,18 +175,17 @@ def measure_ops(ops: dict[str, tuple[str, dict]], settings, sync: Callable[[], N
     return out
 
 
-def table_from_dict(d, where: str) -> dict[str, tuple[float, float]]:
-    """A profile's `op_kernels_s` table, checked: keys `op_key` strings of measured kinds,
-    values [forward, backward] seconds >= 0. ValueError naming the entry otherwise."""
+def seconds_table(d, where: str, key_ok: Callable[[str], bool], key_rule: str
+                  ) -> dict[str, tuple[float, float]]:
+    """A profile's table of key -> [forward_s, backward_s], checked: every key passes
+    `key_ok` (else a ValueError saying it is not `key_rule`), every value is two numbers
+    >= 0 (else a ValueError naming the entry)."""
     if not isinstance(d, Mapping):
-        raise ValueError(f"{where} must be a table of op key -> [forward_s, backward_s]")
+        raise ValueError(f"{where} must be a table of key -> [forward_s, backward_s]")
     out = {}
     for key, value in d.items():
-        parts = str(key).split(":")
-        if len(parts) != 5 or parts[1] not in MEASURED_KINDS or not all(
-                p.isdigit() for p in parts[2:]):
-            raise ValueError(f"{where}: key {key!r} is not dtype:kind:fwd_flops:bwd_flops:params "
-                             f"of a measured kind ({', '.join(MEASURED_KINDS)})")
+        if not key_ok(str(key)):
+            raise ValueError(f"{where}: key {key!r} is not {key_rule}")
         if (not isinstance(value, (list, tuple)) or len(value) != 2 or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                 and v >= 0 for v in value)):
@@ -192,3 +193,14 @@ def table_from_dict(d, where: str) -> dict[str, tuple[float, float]]:
                              f"got {value!r}")
         out[str(key)] = (float(value[0]), float(value[1]))
     return out
+
+
+def table_from_dict(d, where: str) -> dict[str, tuple[float, float]]:
+    """A profile's `op_kernels_s` table, checked (`seconds_table`): keys `op_key` strings of
+    measured kinds."""
+    def key_ok(key: str) -> bool:
+        parts = key.split(":")
+        return len(parts) == 5 and parts[1] in MEASURED_KINDS and all(
+            p.isdigit() for p in parts[2:])
+    return seconds_table(d, where, key_ok, f"dtype:kind:fwd_flops:bwd_flops:params of a "
+                                           f"measured kind ({', '.join(MEASURED_KINDS)})")

@@ -34,6 +34,7 @@ from types import MappingProxyType
 import numpy as np
 
 from ..calibrate_ops import table_from_dict
+from ..calibrate_models import passes_from_dict
 from ..hardware_spec import _keys
 
 
@@ -108,6 +109,14 @@ class ChipEfficiency:
     hooks)."""
     fsdp_reduce_s: float = 0.0
     """Fixed seconds per FSDP unit gradient reduction beyond the collective."""
+    fsdp_tensor_s: float = 0.0
+    """Seconds per parameter tensor of each FSDP all-gather (per-parameter views, copies and
+    bookkeeping), beyond `fsdp_gather_s`."""
+    fsdp_microbatch_s: float = 0.0
+    """Fixed seconds of FSDP per microbatch beyond its gathers (the root's hooks, the
+    backward's final callback)."""
+    fsdp_step_s: float = 0.0
+    """Fixed seconds of FSDP per step beyond its gathers and reductions."""
     tp_op_fwd_s: float = 0.0
     """Extra forward seconds of an op on tensor-parallel (distributed tensor) weights."""
     tp_op_bwd_s: float = 0.0
@@ -121,6 +130,10 @@ class ChipEfficiency:
     """Kernel seconds (forward, backward) measured at exact op shapes, by
     `calibrate_ops.op_key`; the engine uses them instead of the curves where the key of an
     op it times matches (`workbench calibrate --ops-for`)."""
+    model_passes_s: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    """Seconds (forward, backward) of one unsplit microbatch of whole models, by
+    `calibrate_models.model_key`; the engine spreads the difference from its op-level
+    prediction over the model's ops (`workbench calibrate --ops-for`)."""
     rank_contention: float = 1.0
     """Ranks per core when the figures were measured with every rank busy (ranks / cores of
     the host, 1 when each rank has cores of its own). A rank that runs while others wait
@@ -204,11 +217,11 @@ def efficiency_for(chip) -> ChipEfficiency:
 _CURVE_KINDS = ("linear", "batched_matmul", "attention", "conv", "lstm")
 _SCALARS = ("optimizer_tensor_s", "optimizer_dtensor_s", "optimizer_bytes_per_param",
             "collective_call_s", "ddp_microbatch_s", "ddp_tensor_s", "ddp_step_s",
-            "fsdp_gather_s",
-            "fsdp_reduce_s", "tp_op_fwd_s", "tp_op_bwd_s", "pp_action_s", "cp_step_s")
+            "fsdp_gather_s", "fsdp_reduce_s", "fsdp_tensor_s", "fsdp_microbatch_s", "fsdp_step_s",
+            "tp_op_fwd_s", "tp_op_bwd_s", "pp_action_s", "cp_step_s")
 _REQUIRED = ("source", "memory", "op_overhead_s", "curves")
 _OPTIONAL = ("curves_bwd", "dispatch_fwd_s", "dispatch_bwd_s", "comm_overlap",
-             "rank_contention", "op_kernels_s") + _SCALARS
+             "rank_contention", "op_kernels_s", "model_passes_s") + _SCALARS
 
 
 def _plain(x):
@@ -279,6 +292,8 @@ def efficiency_from_dict(d, where: str = "efficiency") -> ChipEfficiency:
                                 1.0),
         op_kernels_s=MappingProxyType(table_from_dict(d.get("op_kernels_s", {}),
                                                       f"{where}.op_kernels_s")),
+        model_passes_s=MappingProxyType(passes_from_dict(d.get("model_passes_s", {}),
+                                                         f"{where}.model_passes_s")),
         **scalars)
 
 
@@ -295,6 +310,8 @@ def efficiency_to_dict(e: ChipEfficiency) -> dict:
            "comm_overlap": e.comm_overlap, "rank_contention": e.rank_contention}
     if e.op_kernels_s:
         out["op_kernels_s"] = {k: list(v) for k, v in e.op_kernels_s.items()}
+    if e.model_passes_s:
+        out["model_passes_s"] = {k: list(v) for k, v in e.model_passes_s.items()}
     out.update({k: getattr(e, k) for k in _SCALARS})
     return out
 

@@ -18,15 +18,21 @@ so GPU predictions do not depend on them; a calibrated chip carries measured val
 - each op pays a fixed dispatch time per pass, per op kind (`dispatch_fwd_s`,
   `dispatch_bwd_s`; the presets' single `op_overhead_s`), and its kernel runs at the
   fraction of the curve its narrowest GEMM dimension allows (`Curve.width_sat`);
+- where one unsplit microbatch of the whole model was timed (`model_passes_s`,
+  `calibrate_models.py`), the difference from the op-level prediction of that microbatch
+  is spread over the model's ops per pass: added to their dispatch when the ops predict too
+  little (host work, not divided by TP or CP), taken off their kernels when too much;
 - an op on tensor-parallel weights (TP-split ops with parameters when tp > 1, and the
   sequence-parallel ops with SP) pays `tp_op_fwd_s` / `tp_op_bwd_s` more (distributed-tensor dispatch);
 - ring attention pays `cp_step_s` per K/V block step, (cp - 1) steps per pass;
 - every collective call pays `collective_call_s` on top of the link latency;
 - DDP pays `ddp_microbatch_s` per microbatch, `ddp_tensor_s` per parameter tensor and
   microbatch (gradient hooks) and `ddp_step_s` per step, exposed;
-- each FSDP unit all-gather pays `fsdp_gather_s` and each unit gradient reduction
-  `fsdp_reduce_s` (copy-in/out, hooks; `fsdp_reduce_s` includes the call's latency, which
-  the one modelled reduce-scatter of the stage's gradients then does not count again);
+- each FSDP unit all-gather pays `fsdp_gather_s` plus `fsdp_tensor_s` per parameter tensor
+  it gathers, each unit gradient reduction `fsdp_reduce_s` (copy-in/out, hooks;
+  `fsdp_reduce_s` includes the call's latency, which the one modelled reduce-scatter of the
+  stage's gradients then does not count again), and FSDP pays `fsdp_microbatch_s` per
+  microbatch and `fsdp_step_s` per step;
 - a pipeline stage pays `pp_action_s` per action (forward or backward of a microbatch on a
   model chunk);
 - the optimizer pays `optimizer_tensor_s` per parameter tensor the rank updates
@@ -43,8 +49,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..hardware import Cluster
+from ..plan import Plan
 from . import comm
 from .efficiency import efficiency_for
+from .measured import measured_kernels, spread_model_passes
 from .memory import memory_per_stage
 from .plans import DTYPE_BYTES, CostOptions, PlanArrays
 from .profile import GraphProfile, _row
@@ -149,6 +157,27 @@ def op_times(prof: GraphProfile, plans: PlanArrays, cluster: Cluster, opt: CostO
     """Per-signature forward and backward seconds (S x N) on one rank, and the share of each
     op a rank does (S x N)."""
     eff = efficiency_for(cluster.chip)
+    k_f, busy_f, k_b, busy_b, share = _op_parts(prof, plans, cluster, opt)
+    if eff.model_passes_s:
+        def unsplit(mb: int):  # one unsplit microbatch of the whole model
+            one = PlanArrays.from_plans([Plan.parse(f"mb={mb},gbs={mb},dtype={plans.dtype}")])
+            return _op_parts(prof, one, cluster, opt)[:4]
+        spread_model_passes(prof, plans, eff.model_passes_s, unsplit, k_f, busy_f, k_b, busy_b)
+    tp, cp = plans.tp[None, :], plans.cp[None, :]
+    if eff.tp_op_fwd_s or eff.tp_op_bwd_s:  # distributed-tensor weights under TP (and SP)
+        split_weights = (prof.tp_split & (prof.params > 0))[:, None]
+        on_dtensors = (split_weights | (prof.tp_sequence[:, None] & plans.sp[None, :])) & (tp > 1)
+        busy_f, busy_b = busy_f + on_dtensors * eff.tp_op_fwd_s, busy_b + on_dtensors * eff.tp_op_bwd_s
+    if eff.cp_step_s:  # ring attention: cp - 1 block exchanges per pass
+        steps = (prof.kind == "attention")[:, None] * prof.cp[:, None] * (cp - 1)
+        busy_f, busy_b = busy_f + steps * eff.cp_step_s, busy_b + steps * eff.cp_step_s
+    return k_f + busy_f, k_b + busy_b, share
+
+
+def _op_parts(prof: GraphProfile, plans: PlanArrays, cluster: Cluster, opt: CostOptions):
+    """Per-signature (S x N) forward kernel and dispatch seconds, backward kernel and
+    dispatch seconds, and the share of each op a rank does."""
+    eff = efficiency_for(cluster.chip)
     peak = cluster.chip.peak_flops_per_s(plans.dtype)
     mem_bw = cluster.chip.memory_bandwidth_Bps * eff.memory
     tp, cp, mb = plans.tp[None, :], plans.cp[None, :], plans.mb[None, :]
@@ -175,38 +204,16 @@ def op_times(prof: GraphProfile, plans: PlanArrays, cluster: Cluster, opt: CostO
             e_f[rows] = eff.curve(kind)(f_flops[rows], w)
             e_b[rows] = eff.curve(kind, backward=True)(b_flops[rows], w)
     active = (prof.rw_bytes > 0)[:, None]
-    busy_f, busy_b = busy_f * active, busy_b * active
-    if eff.tp_op_fwd_s or eff.tp_op_bwd_s:  # distributed-tensor weights under TP (and SP)
-        split_weights = (prof.tp_split & (prof.params > 0))[:, None]
-        on_dtensors = (split_weights | (prof.tp_sequence[:, None] & plans.sp[None, :])) & (tp > 1)
-        busy_f, busy_b = busy_f + on_dtensors * eff.tp_op_fwd_s, busy_b + on_dtensors * eff.tp_op_bwd_s
-    if eff.cp_step_s:  # ring attention: cp - 1 block exchanges per pass
-        steps = (prof.kind == "attention")[:, None] * prof.cp[:, None] * (cp - 1)
-        busy_f, busy_b = busy_f + steps * eff.cp_step_s, busy_b + steps * eff.cp_step_s
+    n = len(plans)  # per plan: the model's measured microbatch may scale them per plan
+    busy_f, busy_b = np.repeat(busy_f * active, n, axis=1), np.repeat(busy_b * active, n, axis=1)
     counted = prof.counted[:, None]
     k_f = np.where(counted, np.maximum(f_flops / (peak * np.maximum(e_f, 1e-12)), f_bytes / mem_bw),
                    f_bytes / mem_bw)
     k_b = np.where(counted, np.maximum(b_flops / (peak * np.maximum(e_b, 1e-12)), b_bytes / mem_bw),
                    b_bytes / mem_bw)
     if eff.op_kernels_s:
-        _measured_kernels(prof, plans, share, eff.op_kernels_s, k_f, k_b)
-    return k_f + busy_f, k_b + busy_b, share
-
-
-def _measured_kernels(prof: GraphProfile, plans: PlanArrays, share, table, k_f, k_b) -> None:
-    """Put the kernels measured at their exact shapes (`calibrate_ops`) in place of the
-    curves' where an op runs unsplit on the rank and its key is in `table` (in place)."""
-    from ..calibrate_ops import MEASURED_KINDS, op_key
-    for i, kind in enumerate(prof.kind):
-        if kind not in MEASURED_KINDS:
-            continue
-        whole = share[i] == 1.0
-        for mb in np.unique(plans.mb[whole]):
-            hit = table.get(op_key(kind, prof.fwd_flops[i] * mb, prof.bwd_flops[i] * mb,
-                                   prof.params[i], plans.dtype))
-            if hit is not None:
-                cols = whole & (plans.mb == mb)
-                k_f[i, cols], k_b[i, cols] = hit
+        measured_kernels(prof, plans, share, eff.op_kernels_s, k_f, k_b)
+    return k_f, busy_f, k_b, busy_b, share
 
 
 def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
@@ -262,6 +269,7 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
         "compute_s", "recompute_s", "tp_comm_s", "cp_comm_s", "ep_comm_s", "pp_comm_s",
         "fsdp_exposed_s", "bubble_s", "stage_time_mb_s", "others_mb_s", "bottleneck_stage",
         "stage_params", "stage_units", "stage_bwd_mb_s", "stage_root_params", "stage_tensors",
+        "stage_root_tensors",
         "stage_tp_tensors", "stage_sp_tensors")}
     _, row_tensors, row_tp_tensors = layer_facts(prof)
     pre_params, post_params = counts[0] @ p_sig, counts[-1] @ p_sig  # FSDP roots: N each
@@ -296,6 +304,8 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
         out["stage_root_params"][idx] = root[big, np.arange(len(idx))]
         out["stage_units"][idx] = a[big, 1:-1].sum(axis=1)
         out["stage_tensors"][idx] = (a @ row_tensors)[big]
+        out["stage_root_tensors"][idx] = (a[:, 0] * row_tensors[0]
+                                          + a[:, -1] * row_tensors[-1])[big]
         out["stage_tp_tensors"][idx] = (a @ row_tp_tensors[0])[big]
         out["stage_sp_tensors"][idx] = (a @ row_tp_tensors[1])[big]
 
@@ -392,6 +402,7 @@ def _data_parallel(out, plans, cluster, opt, records, elem):
         out["dp_exposed_s"] = reduce_s - hidden + ddp_s
     else:
         out["dp_exposed_s"] = reduce_s + ddp_s
+    out["dp_exposed_s"] = out["dp_exposed_s"] + np.where(sharded, eff.fsdp_step_s, 0.0)
     zero12 = ~sharded & (plans.zero > 0)
     t_ag = _collective(records, "ZeRO-1/2 parameter all-gather", "all_gather", "dp", n_dp, s_dp,
                        params * w_bytes, np.where(zero12, 1, 0), cluster, alg)
@@ -411,7 +422,10 @@ def _data_parallel(out, plans, cluster, opt, records, elem):
     later = (t_unit - overlap * np.minimum(t_unit, fwd_unit)
              + t_unit - overlap * np.minimum(t_unit, bwd_unit))   # exposed part, units 2..U
     gathers = t_root * (root > 0) + 2 * t_unit + (units - 1) * later
-    framework = eff.fsdp_gather_s * ((root > 0) + 2 * units)     # copy-in/out, hooks
+    root_tensors = out["stage_root_tensors"]
+    gathered_tensors = 2 * (out["stage_tensors"] - root_tensors) + root_tensors
+    framework = (eff.fsdp_gather_s * ((root > 0) + 2 * units)    # copy-in/out, hooks
+                 + eff.fsdp_tensor_s * gathered_tensors + eff.fsdp_microbatch_s)
     out["fsdp_exposed_s"] = np.where(sharded, gathers + framework, 0.0)
     opt_params = params / np.where(sharded | (plans.zero >= 1), n_sh, 1)
     tensors = out["stage_tensors"]
