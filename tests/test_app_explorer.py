@@ -8,6 +8,7 @@ import pytest
 
 from workbench import costmodel, hardware
 from workbench.app import explorer_view as view
+from workbench.app import plan_form as form
 from workbench.app.urls import ExplorerState, from_query, to_query
 from workbench.plan import Plan
 
@@ -189,19 +190,19 @@ def test_a_cluster_file_wins_over_the_preset_and_survives_the_url(tmp_path):
 
 def test_plan_controls_and_text_follow_each_other():
     text = "tp=8,pp=4,dp=32,gbs=1024,sp=true,recompute=selective,order=tp-cp-dp-fsdp-pp"
-    fields = view.plan_fields(text)
+    fields = form.plan_fields(text)
     assert fields == {"dp": 32, "fsdp": 1, "tp": 8, "pp": 4, "vpp": 1, "cp": 1, "ep": 1,
                       "mb": 1, "gbs": 1024, "zero": 0, "recompute": "selective",
                       "schedule": "auto", "dtype": "bf16", "sp": ["on"]}
     fields.update(tp=4.0, dp=64, sp=[])
     # KEYS order, defaults left out, the key with no control (order) kept from the old text
-    assert view.plan_text(fields, text) == \
+    assert form.plan_text(fields, text) == \
         "dp=64,tp=4,pp=4,gbs=1024,recompute=selective,order=tp-cp-dp-fsdp-pp"
-    assert view.plan_text(view.FIELD_DEFAULTS, "") == "dp=1"
-    assert view.plan_text({**view.FIELD_DEFAULTS, "tp": 2.5}, "") == "tp=2.5"  # Plan.parse names it
-    assert "tp" not in view.plan_fields("tp=x,pp=2")     # a malformed value leaves the control
-    assert view.plan_fields("tp=x,pp=2")["pp"] == 2
-    assert Plan.parse(view.plan_text(view.plan_fields(text), text)) == Plan.parse(text)
+    assert form.plan_text(form.FIELD_DEFAULTS, "") == "dp=1"
+    assert form.plan_text({**form.FIELD_DEFAULTS, "tp": 2.5}, "") == "tp=2.5"  # Plan.parse names it
+    assert "tp" not in form.plan_fields("tp=x,pp=2")     # a malformed value leaves the control
+    assert form.plan_fields("tp=x,pp=2")["pp"] == 2
+    assert Plan.parse(form.plan_text(form.plan_fields(text), text)) == Plan.parse(text)
 
 
 # -- the simulator and the search -------------------------------------------------------------

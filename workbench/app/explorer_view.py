@@ -4,8 +4,8 @@
 rank against the chip's memory, the step-time breakdown with the exposed communication split
 by hierarchy level, or every rule an impossible plan breaks. `timeline(state)` simulates the
 step for the Gantt chart (one representative rank per pipeline stage), `search_table(state)`
-ranks every valid plan, and `plan_fields` / `plan_text` keep the page's plan controls and its
-plan text in step. The page (`pages/explorer.py`) only wires these to components.
+ranks every valid plan, and `plan_fields` / `plan_text` (`plan_form.py`) keep the page's plan
+controls and its plan text in step. The page (`pages/explorer.py`) only wires these to components.
 """
 from __future__ import annotations
 
@@ -17,25 +17,12 @@ import plotly.graph_objects as go
 from .. import costmodel, hardware, models
 from ..cli import si
 from ..costmodel import Estimate
-from ..plan import KEYS, Plan, PlanError, Violation
+from ..plan import Plan, PlanError, Violation
 from ..report_figures import BYTES_PER_GB, MEMORY_PARTS
 from ..simulator.trace import CATEGORY_COLOURS
+from .plan_form import plan_fields, plan_items
 from .urls import ExplorerState, to_query
 
-NUMBER_KEYS = ("dp", "fsdp", "tp", "pp", "vpp", "cp", "ep", "mb", "gbs", "zero")
-"""Plan keys edited with a number input (an empty one means the key's default)."""
-FIELD_KEYS = NUMBER_KEYS + ("recompute", "schedule", "dtype", "sp")
-"""Every plan key with its own control (dropdowns for the names, a checkbox for sp); the
-text box keeps the others (e.g. `order`)."""
-AUTO_SCHEDULE = "auto"
-"""Schedule choice that leaves the key out: 1f1b, or interleaved-1f1b when vpp > 1."""
-SP_ON = "on"
-"""Value of the sequence-parallel checkbox when ticked."""
-FIELD_DEFAULTS = {"dp": 1, "fsdp": 1, "tp": 1, "pp": 1, "vpp": 1, "cp": 1, "ep": 1, "mb": 1,
-                  "gbs": None, "zero": 0, "recompute": "none", "schedule": AUTO_SCHEDULE,
-                  "dtype": "bf16", "sp": []}
-"""What each control shows when the plan text leaves its key out (gbs None: the default
-global batch, mb x dp x fsdp x pp)."""
 SEARCH_TOP = 20
 """Plans the best-plans table lists."""
 FIGURE_HEIGHT_PX = 320
@@ -187,58 +174,6 @@ def inputs_from_state(state: ExplorerState) -> dict:
             "cluster": state.cluster if is_preset else ExplorerState.cluster,
             "cluster_file": "" if is_preset else state.cluster, "chips": state.chips,
             "plan": state.plan, **plan_fields(state.plan)}
-
-
-def _items(text: str | None) -> dict[str, str]:
-    """The key=value items of a plan text, leniently (malformed items are skipped: the strict
-    `Plan.parse` reports them)."""
-    out = {}
-    for item in (text or "").split(","):
-        key, eq, raw = (part.strip() for part in item.partition("="))
-        if eq and key:
-            out[key] = raw
-    return out
-
-
-def plan_fields(text: str | None) -> dict:
-    """Each plan control's value for a plan text: the text's value, or the default where it
-    leaves the key out. A key whose value is malformed is left out (the page keeps the
-    control as it is)."""
-    items, out = _items(text), {}
-    for key in FIELD_KEYS:
-        raw = items.get(key)
-        if raw is None:
-            out[key] = FIELD_DEFAULTS[key]
-        elif key in NUMBER_KEYS:
-            if raw.isdigit():
-                out[key] = int(raw)
-        elif key == "sp":
-            if raw in ("true", "false"):
-                out[key] = [SP_ON] if raw == "true" else []
-        else:
-            out[key] = raw
-    return out
-
-
-def plan_text(fields: dict, previous: str | None = "") -> str:
-    """The compact plan text of the controls' values, keeping the keys of `previous` that
-    have no control (e.g. `order`). Defaults are left out; values are written as given, so
-    that `Plan.parse` names a bad one (`tp=2.5`)."""
-    items = {k: v for k, v in _items(previous).items() if k not in FIELD_KEYS}
-    for key in FIELD_KEYS:
-        value = fields.get(key)
-        if key == "sp":
-            if value and value != [""]:
-                items[key] = "true"
-            continue
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if value is None or value == "" or value == FIELD_DEFAULTS[key]:
-            continue
-        items[key] = str(value).strip()
-    order = {k: i for i, k in enumerate(KEYS)}
-    text = ",".join(f"{k}={items[k]}" for k in sorted(items, key=lambda k: order.get(k, 99)))
-    return text or "dp=1"
 
 
 # -- the cost model -------------------------------------------------------------------------
@@ -477,7 +412,7 @@ def search_table(state: ExplorerState | None, top: int = SEARCH_TOP) -> SearchTa
         plan = Plan.parse(state.plan)
         gbs, dtype = plan.global_batch_size, plan.dtype
     except PlanError:
-        items = _items(state.plan)
+        items = plan_items(state.plan)
         if not items.get("gbs", "").isdigit():
             return SearchTable(message="no search: the plan text has no readable global batch; "
                                        "set gbs (rule: the search keeps the plan's global batch)")

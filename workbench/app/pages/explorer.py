@@ -14,14 +14,15 @@ import dash
 from dash import Input, Output, State, callback, clientside_callback, ctx, dash_table, dcc, html
 
 from workbench.app import explorer_view as view
+from workbench.app import plan_form as form
 from workbench.app.urls import from_query
 
 dash.register_page(__name__, path="/", name="Plan explorer", order=0,
                    title="workbench: plan explorer")
 
-_PLAN_IDS = {key: f"explorer-plan-{key}" for key in view.FIELD_KEYS}
+_PLAN_IDS = {key: f"explorer-plan-{key}" for key in form.FIELD_KEYS}
 _CHOICES = {"recompute": ("none", "selective", "full"),
-            "schedule": (view.AUTO_SCHEDULE, "gpipe", "1f1b", "interleaved-1f1b"),
+            "schedule": (form.AUTO_SCHEDULE, "gpipe", "1f1b", "interleaved-1f1b"),
             "dtype": ("bf16", "fp16", "fp32", "fp8")}
 _NUMBER_TIPS = {"dp": "replicated data parallel", "fsdp": "sharded data parallel (FSDP)",
                 "tp": "tensor parallel", "pp": "pipeline stages", "vpp": "chunks per stage",
@@ -38,7 +39,7 @@ def _plan_control(key: str, value):
     """The control of one plan key."""
     if key == "sp":
         return dcc.Checklist(id=_PLAN_IDS[key], value=value, className="check",
-                             options=[{"label": "sp", "value": view.SP_ON}])
+                             options=[{"label": "sp", "value": form.SP_ON}])
     if key in _CHOICES:
         return _field(key, dcc.Dropdown(id=_PLAN_IDS[key], value=value, clearable=False,
                                         options=list(_CHOICES[key]), className="small-dropdown"))
@@ -73,7 +74,7 @@ def layout(**query):
             _field("chips", dcc.Input(id="explorer-chips", type="number", min=1, step=1,
                                       value=values["chips"], debounce=0.4, className="number")),
         ], className="controls"),
-        html.Div([_plan_control(key, values[key]) for key in view.FIELD_KEYS],
+        html.Div([_plan_control(key, values[key]) for key in form.FIELD_KEYS],
                  className="controls plan-controls"),
         html.Div([
             _field("plan", dcc.Input(id="explorer-plan", value=values["plan"], debounce=True,
@@ -105,11 +106,11 @@ def layout(**query):
     ], className="explorer")
 
 
-_FIELD_OUTPUTS = [Output(_PLAN_IDS[k], "value") for k in view.FIELD_KEYS]
+_FIELD_OUTPUTS = [Output(_PLAN_IDS[k], "value") for k in form.FIELD_KEYS]
 
 
 @callback(*_FIELD_OUTPUTS, Output("explorer-plan", "value"),
-          *[Input(_PLAN_IDS[k], "value") for k in view.FIELD_KEYS],
+          *[Input(_PLAN_IDS[k], "value") for k in form.FIELD_KEYS],
           Input("explorer-plan", "value"), Input("explorer-top-plans", "active_cell"),
           prevent_initial_call=True)
 def sync_plan(*args):
@@ -121,10 +122,10 @@ def sync_plan(*args):
             if not cell or not cell.get("row_id"):
                 return [dash.no_update] * (len(fields) + 1)
             text = cell["row_id"]
-        values = view.plan_fields(text)
-        out = [values.get(k, dash.no_update) for k in view.FIELD_KEYS]
+        values = form.plan_fields(text)
+        out = [values.get(k, dash.no_update) for k in form.FIELD_KEYS]
         return out + [text if ctx.triggered_id == "explorer-top-plans" else dash.no_update]
-    new = view.plan_text(dict(zip(view.FIELD_KEYS, fields)), text)
+    new = form.plan_text(dict(zip(form.FIELD_KEYS, fields)), text)
     return [dash.no_update] * len(fields) + [new]
 
 
