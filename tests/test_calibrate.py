@@ -303,22 +303,25 @@ def test_quick_calibrate_writes_a_profile_the_cost_model_loads(tmp_path, capfd):
     assert all(v > 0 for v in next(iter(eff.model_passes_s.values())))
 
 
-def test_fsdp_fixed_costs_are_charged_per_microbatch_and_per_step():
-    import dataclasses
-    from workbench.costmodel.efficiency import efficiency_to_dict
-    from workbench.hardware import chip_from_dict, chip_to_dict
+def test_fsdp_fixed_costs_are_charged_per_gathered_tensor_microbatch_and_step():
+    from efficiency_support import with_efficiency
+    from workbench.costmodel.engine import layer_facts
+    from workbench.costmodel.estimator import cached_profile
     cl = hardware.load_cpu_cluster(2)
     graph = costmodel.graph("llama-tiny")
 
     def step_s(plan, **figures):
-        chip = chip_to_dict(cl.chip)
-        chip["efficiency"] = {**efficiency_to_dict(efficiency_for(cl.chip)), **figures}
-        cluster = dataclasses.replace(cl, chip=chip_from_dict(chip, "test chip"))
-        return costmodel.estimate(graph, plan, cluster).step_time_s
-    fsdp = "fsdp=2,mb=2,gbs=8,dtype=fp32"  # 2 microbatches per rank
-    base = step_s(fsdp, fsdp_microbatch_s=0.0, fsdp_step_s=0.0)
-    # 2 microbatches x 1 ms + 3 ms once per step
-    assert step_s(fsdp, fsdp_microbatch_s=1e-3, fsdp_step_s=3e-3) == pytest.approx(base + 5e-3)
+        return costmodel.estimate(graph, plan, with_efficiency(cl, **figures)).step_time_s
+    none = dict(fsdp_tensor_s=0.0, fsdp_microbatch_s=0.0, fsdp_step_s=0.0)
+    some = dict(fsdp_tensor_s=1e-5, fsdp_microbatch_s=1e-3, fsdp_step_s=3e-3)
+    fsdp = "fsdp=2,mb=2,gbs=8,dtype=fp32"  # 2 microbatches per rank, one stage
+    # parameter tensors gathered per microbatch: each unit's twice (forward and backward),
+    # the root's (embedding, final norm, head: the pre and post rows) once
+    rows = layer_facts(cached_profile(graph))[1]
+    gathered = 2 * (rows.sum() - rows[0] - rows[-1]) + rows[0] + rows[-1]
+    assert gathered > 0
+    # 2 microbatches x (gathered x 10 us + 1 ms) + 3 ms once per step
+    assert step_s(fsdp, **some) == pytest.approx(step_s(fsdp, **none)
+                                                 + 2 * (gathered * 1e-5 + 1e-3) + 3e-3)
     dp = "dp=2,mb=2,gbs=8,dtype=fp32"  # not sharded: no FSDP costs
-    assert step_s(dp, fsdp_microbatch_s=1e-3, fsdp_step_s=3e-3) == pytest.approx(
-        step_s(dp, fsdp_microbatch_s=0.0, fsdp_step_s=0.0))
+    assert step_s(dp, **some) == pytest.approx(step_s(dp, **none))

@@ -1,8 +1,7 @@
 """Whole-model microbatches timed on one rank (`workbench/calibrate_models.py`) and how the
 engine spreads the difference from its op-level prediction over the ops."""
-import dataclasses
-
 import pytest
+from efficiency_support import with_efficiency
 
 from workbench import costmodel, hardware, models
 from workbench.calibrate import Settings
@@ -10,20 +9,15 @@ from workbench.calibrate_models import (MAX_MODEL_BYTES, measure_models, model_b
                                         model_key, model_passes, passes_from_dict,
                                         study_models, time_passes)
 from workbench.costmodel.efficiency import efficiency_for, efficiency_from_dict, efficiency_to_dict
-from workbench.hardware import chip_from_dict, chip_to_dict
 
 
 def _with_passes(cluster, table):
     """`cluster` whose chip's efficiency table holds `table` as its model_passes_s."""
-    chip = chip_to_dict(cluster.chip)
-    eff = efficiency_to_dict(efficiency_for(cluster.chip))
-    eff.pop("model_passes_s", None)
-    chip["efficiency"] = {**eff, "model_passes_s": table}
-    return dataclasses.replace(cluster, chip=chip_from_dict(chip, "test chip"))
+    return with_efficiency(cluster, model_passes_s=table)
 
 
 def _no_passes(cluster):
-    return _with_passes(cluster, {})
+    return with_efficiency(cluster, model_passes_s=None)
 
 
 def test_model_key_tells_apart_overrides_microbatches_and_dtypes():

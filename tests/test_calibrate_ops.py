@@ -1,8 +1,7 @@
 """Kernels measured at exact op shapes (`workbench/calibrate_ops.py`) and their use by the
 cost model."""
-import dataclasses
-
 import pytest
+from efficiency_support import with_efficiency
 
 from workbench import costmodel, hardware, models
 from workbench.calibrate import Settings
@@ -10,7 +9,6 @@ from workbench.calibrate_ops import (_conv_geometry, build_op, measure_ops, op_k
                                      table_from_dict)
 from workbench.costmodel.efficiency import efficiency_for, efficiency_from_dict, efficiency_to_dict
 from workbench.costmodel.graph import make_layer
-from workbench.hardware import chip_from_dict, chip_to_dict
 
 
 def test_op_key_is_dtype_kind_flops_and_parameters():
@@ -65,14 +63,10 @@ def test_the_engine_uses_a_measured_kernel_where_the_key_matches():
     convs = [l for l in at_mb2.layers if l.kind == "conv"]
     table = {op_key("conv", l.fwd_flops, l.bwd_flops, l.params): [1e-3, 2e-3]
              for l in convs}
-    chip = chip_to_dict(cl.chip)
-    eff = efficiency_to_dict(efficiency_for(cl.chip))
-    eff.pop("op_kernels_s", None)
-    eff.pop("model_passes_s", None)  # a whole-model time would override the ops' (its test)
-    chip["efficiency"] = {**eff, "op_kernels_s": table}
-    slow = dataclasses.replace(cl, chip=chip_from_dict(chip, "test chip"))
-    base = costmodel.estimate(graph, plan, dataclasses.replace(cl, chip=chip_from_dict(
-        {**chip, "efficiency": eff}, "test chip")))
+    # a whole-model time would override the ops' (its test is test_calibrate_models.py)
+    base = costmodel.estimate(graph, plan, with_efficiency(cl, op_kernels_s=None,
+                                                           model_passes_s=None))
+    slow = with_efficiency(cl, op_kernels_s=table, model_passes_s=None)
     got = costmodel.estimate(graph, plan, slow)
     # every conv now takes 1 ms forward and 2 ms backward in each of 2 microbatches, plus
     # its dispatch: the compute grows by at least what the measured kernels add

@@ -14,25 +14,11 @@ from .calibrate_collectives import _timed
 
 def _paired(a, b, device: str, inner: int, repeats: int) -> float:
     """Median over `repeats` samples of (seconds per call of `a` - of `b`), the two timed back
-    to back in each sample (`inner` calls each, every rank starting together), so that the
-    host's drifts cancel in the difference instead of adding to it."""
-    import time
+    to back in each sample (`_timed`, `inner` calls each), so that the host's drifts cancel
+    in the difference instead of adding to it."""
     import statistics
-    from .calibrate import _sync
-    from .calibrate_collectives import _barrier
-    a(), b()
-    diffs = []
-    for _ in range(repeats):
-        pair = []
-        for fn in (a, b):
-            _barrier(device)
-            start = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            _sync(device)
-            pair.append((time.perf_counter() - start) / inner)
-        diffs.append(pair[0] - pair[1])
-    return statistics.median(diffs)
+    return statistics.median(_timed(a, device, inner, 1) - _timed(b, device, inner, 1)
+                             for _ in range(repeats))
 
 
 def _dp_extra_s(units: int, micro: int, mode: str, settings: Settings,
@@ -45,9 +31,9 @@ def _dp_extra_s(units: int, micro: int, mode: str, settings: Settings,
 
 def _dp_step(units: int, micro: int, mode: str, settings: Settings, layers: int = 1):
     """A step: forward + backward of `micro` microbatches through `units` units of `layers`
-    Linear(16, 16) each, plus a root Linear: `plain`, `fsdp` (FSDP2 per unit and root, gradients reduced on
-    the last microbatch only, as the runner does) or `ddp` (DDP with bucket-view gradients,
-    no_sync but on the last microbatch, as the runner does)."""
+    Linear(16, 16) each, plus a root Linear: `plain`, `fsdp` (FSDP2 per unit and root,
+    gradients reduced on the last microbatch only, as the runner does) or `ddp` (DDP with
+    bucket-view gradients, no_sync but on the last microbatch, as the runner does)."""
     import contextlib
     import torch
     import torch.distributed as dist
