@@ -1,16 +1,25 @@
 """The CPU validation set: every point trained for real, beside its calibrated prediction.
 
 Run: .venv/bin/python benchmarks/cpu_validation.py [--world 2,4] [--only SUBSTRING]
-     [--steps 8] [--warmup 2] [--repeat 3] [--json FILE]
+     [--steps 8] [--min-timed-s 1] [--warmup 2] [--repeat 3] [--json FILE]
+     [--repredict ROWS]
 
 Each point (a model flavour with its overrides, a plan, a world size) runs with
-`workbench.runner.run` (gloo, one torch thread per rank; `steps` timed steps after `warmup`,
-median step time; with `--repeat N`, the median over N runs in fresh processes) and is predicted by the cost model with the calibrated `cpu` profile
+`workbench.runner.run` (gloo, one torch thread per rank; after `warmup` steps, `steps` timed
+steps or as many more as last `min-timed-s` seconds; the median step time). With
+`--repeat N` every point runs N times in fresh processes, in N rounds over the whole set (so
+that a slow spell of the shared host lands on one run of many points, not on every run of
+a few), and the median of its runs is kept. Each point is predicted by the cost model with
+the calibrated `cpu` profile
 (`workbench/data/cpu.json`, `workbench calibrate`; `run` returns the prediction). The table
 gives measured and predicted step times and the error (predicted / measured - 1), then the
 largest and the median absolute error against the targets (15% and 8%). Failed points are
 listed and left out of the summary. Timings are noisy on a shared 2-core machine: rerun on a
 quiet one for the figures that count.
+
+`--repredict ROWS` runs nothing: it predicts the measured rows of an earlier `--json` file
+again with the current profile (after a new calibration, the same measured runs against the
+new predictions; the measurements do not depend on the profile).
 
 The set is `studies/cpu-validation.toml` (111 points): every model family under DP and FSDP;
 TP for the transformer families; PP for the families the runner splits; CP for Llama, GPT
@@ -56,30 +65,59 @@ def check(point: dict) -> str | None:
     return None
 
 
-def measure(point: dict, steps: int, warmup: int, repeat: int = 1) -> dict:
-    """Run one point `repeat` times (fresh processes each); the median of the runs' median
-    step times beside the prediction (or the error). Between runs of the same point on this
-    shared machine the median step time moves by ~9% (median) and up to ~50%, so `repeat` > 1
-    is what makes a table worth comparing."""
+def run_once(point: dict, steps: int, warmup: int, min_timed_s: float) -> dict:
+    """One run of a point in fresh processes: its median step time and the prediction, or
+    the reason it failed (an impossible plan, a failed rank)."""
     from workbench.runner import run
     why = check(point)
     if why:
-        return {**point, "error": why}
-    runs = []
-    for _ in range(repeat):
-        try:
-            runs.append(run(point["model"], point["plan"], point["world"],
-                            overrides=point["overrides"], steps=steps, warmup=warmup,
-                            timeout_s=300))
-        except Exception as e:  # a failed run is reported, not fatal
-            return {**point, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-    measured = statistics.median(out["step_time_s"] for out in runs)
-    predicted = runs[0]["predicted"]["step_time_s"]
+        return {"error": why}
+    try:
+        out = run(point["model"], point["plan"], point["world"], overrides=point["overrides"],
+                  steps=steps, warmup=warmup, min_timed_s=min_timed_s, timeout_s=300)
+    except Exception as e:  # a failed run is reported, not fatal
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    return {"step_time_s": out["step_time_s"], "steps": len(out["step_times_s"]),
+            "predicted_s": out["predicted"]["step_time_s"],
+            "breakdown_s": out["predicted"]["breakdown_s"]}
+
+
+def combine(point: dict, runs: list[dict]) -> dict:
+    """A point's row from its runs: the median of the runs' median step times beside the
+    prediction (or the first failure)."""
+    failed = [r["error"] for r in runs if "error" in r]
+    if failed:
+        return {**point, "error": failed[0]}
+    measured = statistics.median(r["step_time_s"] for r in runs)
+    predicted = runs[0]["predicted_s"]
     return {**point, "measured_s": measured, "predicted_s": predicted,
             "error_rel": predicted / measured - 1,
-            "run_medians_s": [out["step_time_s"] for out in runs],
-            "step_times_s": runs[0]["step_times_s"],
-            "breakdown_s": runs[0]["predicted"]["breakdown_s"]}
+            "run_medians_s": [r["step_time_s"] for r in runs],
+            "timed_steps": [r["steps"] for r in runs],
+            "breakdown_s": runs[0]["breakdown_s"]}
+
+
+def measure(point: dict, steps: int, warmup: int, repeat: int = 1,
+            min_timed_s: float = 0.0) -> dict:
+    """Run one point `repeat` times back to back (fresh processes each) and `combine` them."""
+    return combine(point, [run_once(point, steps, warmup, min_timed_s) for _ in range(repeat)])
+
+
+def repredict(rows: list[dict]) -> list[dict]:
+    """Rows of an earlier `--json` with their predictions made again by the current profile
+    (what a new calibration would have said of the same measured runs; failed rows kept)."""
+    from workbench.runner import prediction_cluster
+    out = []
+    for r in rows:
+        if "measured_s" not in r:
+            out.append(r)
+            continue
+        graph = costmodel.graph(models.get(r["model"], **r["overrides"]))
+        est = costmodel.estimate(graph, r["plan"], prediction_cluster("cpu", r["world"]))
+        out.append({**r, "predicted_s": est.step_time_s,
+                    "error_rel": est.step_time_s / r["measured_s"] - 1,
+                    "breakdown_s": est.to_json()["breakdown_s"]})
+    return out
 
 
 def table(rows: list[dict]) -> str:
@@ -113,22 +151,41 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=1,
-                    help="runs per point (fresh processes each; the median is kept)")
+                    help="runs per point (fresh processes each, in rounds over the whole set; "
+                         "the median is kept)")
+    ap.add_argument("--min-timed-s", type=float, default=1.0,
+                    help="time each run for at least this many seconds (default 1)")
     ap.add_argument("--json", default=None, help="also write every row to this file")
+    ap.add_argument("--repredict", default=None, metavar="ROWS",
+                    help="run nothing: predict the measured rows of an earlier --json file "
+                         "again with the current profile, and print that table")
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error(f"--repeat must be >= 1, got {args.repeat}")
+    if args.repredict:
+        rows = repredict(json.loads(Path(args.repredict).read_text()))
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        print(table(rows))
+        return 0
     worlds = tuple(int(w) for w in args.world.split(","))
-    rows = []
+    chosen = [p for p in points(worlds)
+              if not args.only or args.only in f"{p['model']} {p['plan']}"]
+    runs: list[list[dict]] = [[] for _ in chosen]
     start = time.perf_counter()
-    for p in points(worlds):
-        if args.only and args.only not in f"{p['model']} {p['plan']}":
-            continue
-        rows.append(measure(p, args.steps, args.warmup, args.repeat))
-        r = rows[-1]
-        note = r.get("error") or f"{r['measured_s'] * 1e3:.2f} ms vs {r['predicted_s'] * 1e3:.2f} ms"
-        print(f"  [{time.perf_counter() - start:6.0f} s] {p['model']} {p['plan']} w{p['world']}: "
-              f"{note}", flush=True)
+    rows = []
+    for round_ in range(args.repeat):  # rounds: a slow spell of the host hits one run per point
+        for i, p in enumerate(chosen):
+            if runs[i] and "error" in runs[i][-1]:
+                continue  # failed once: reported, not retried
+            runs[i].append(run_once(p, args.steps, args.warmup, args.min_timed_s))
+            r = runs[i][-1]
+            note = r.get("error") or (f"{r['step_time_s'] * 1e3:.2f} ms ({r['steps']} steps) "
+                                      f"vs {r['predicted_s'] * 1e3:.2f} ms")
+            print(f"  [{time.perf_counter() - start:6.0f} s] round {round_ + 1}/{args.repeat} "
+                  f"{i + 1}/{len(chosen)} {p['model']} {p['plan']} w{p['world']}: {note}",
+                  flush=True)
+        rows = [combine(p, r) for p, r in zip(chosen, runs)]
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
     print(table(rows))

@@ -325,3 +325,16 @@ def test_fsdp_fixed_costs_are_charged_per_gathered_tensor_microbatch_and_step():
                                                  + 2 * (gathered * 1e-5 + 1e-3) + 3e-3)
     dp = "dp=2,mb=2,gbs=8,dtype=fp32"  # not sharded: no FSDP costs
     assert step_s(dp, **some) == pytest.approx(step_s(dp, **none))
+
+
+def test_compute_pad_adds_zero_but_computes_both_ways():
+    import torch
+    from workbench.calibrate_framework import compute_pad
+    x = torch.randn(2, 16, requires_grad=True)
+    pad = compute_pad(3, "cpu")
+    y = pad(x)
+    assert torch.equal(y, x)                       # + 0 * (the chain's sum): the same values
+    y.sum().backward()
+    assert pad.leaf.grad is not None and pad.leaf.grad.shape == (192, 192)  # the chain's backward ran
+    assert not list(pad.parameters())              # nothing for DDP or FSDP to see
+    assert isinstance(compute_pad(0, "cpu"), torch.nn.Identity)

@@ -275,6 +275,25 @@ def test_a_failed_run_is_stored_as_failed_and_keeps_what_was_stored(tmp_path):
     assert len(store.samples(ok["measurement_id"], metric="step_time_s")) == 2
 
 
+def test_steps_for_a_minimum_timed_duration():
+    from workbench.runner.train import MAX_TIMED_STEPS, steps_for
+    assert steps_for(5, 0.0, 0.001) == 5           # no minimum: the steps asked for
+    assert steps_for(5, 1.0, 0.015) == 67          # ceil(1.0 / 0.015) = ceil(66.7)
+    assert steps_for(5, 1.0, 0.5) == 5             # 5 steps of 0.5 s already last 2.5 s
+    assert steps_for(5, 10.0, 1e-6) == MAX_TIMED_STEPS
+
+
+def test_min_timed_s_times_more_steps_on_every_rank():
+    from workbench.runner import run
+    out = run("llama-tiny", "dp=2,gbs=4,dtype=fp32", 2, steps=2, warmup=1, min_timed_s=0.4,
+              timeout_s=60)
+    # a step of this model is ~5-20 ms here: ceil(0.4 s / step) is far above the 2 asked
+    assert len(out["step_times_s"]) > 2
+    assert out["spec"]["min_timed_s"] == 0.4
+    with pytest.raises(ValueError, match="min_timed_s must be a number of seconds >= 0"):
+        run("llama-tiny", "dp=2,gbs=4,dtype=fp32", 2, min_timed_s=-1.0)
+
+
 def test_torchrun_entry_point_runs_a_job(tmp_path):
     import json
     import subprocess

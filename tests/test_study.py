@@ -194,8 +194,7 @@ def test_a_point_where_nothing_fits_is_stored_as_failed_with_the_reason(tmp_path
     assert r["status"] == "failed" and "no plan fits memory" in r["error"]
 
 
-def test_a_run_study_trains_for_real_and_links_the_measurement(tmp_path):
-    text = """
+TINY_RUN = """
 [study]
 name = "tiny-run"
 question = "Does a real run land beside its prediction?"
@@ -212,6 +211,10 @@ plans = ["dp=*,gbs=4,dtype=fp32"]
 steps = 2
 warmup = 1
 """
+
+
+def test_a_run_study_trains_for_real_and_links_the_measurement(tmp_path):
+    text = TINY_RUN
     s = studies.parse(text)
     store = Store(tmp_path / "s.db")
     assert run_study(s, store, quiet=True).stored == 1
@@ -220,6 +223,14 @@ warmup = 1
     assert store.get(m["prediction_id"])["kind"] == "prediction"
     assert m["payload"]["predicted"]["step_time_s"] > 0
     assert [x["metric"] for x in store.samples(m["id"], "step_time_s")] == ["step_time_s"] * 2
+
+
+def test_run_settings_take_a_minimum_timed_duration_and_check_it():
+    assert studies.parse(TINY_RUN).run.min_timed_s == 0.0
+    assert studies.parse(TINY_RUN + "min_timed_s = 1.5\n").run.min_timed_s == 1.5
+    for bad in ("-1", "true", '"long"'):
+        with pytest.raises(ValueError, match=r"\[run\] min_timed_s must be a number of seconds"):
+            studies.parse(TINY_RUN + f"min_timed_s = {bad}\n")
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ parameters. Every rank runs them at once (`calibrate_collectives.measure_rank`).
 from __future__ import annotations
 
 from .calibrate import Settings, chain_times, nnls, optimizer_tensor_s
-from .calibrate_collectives import _timed
+from .calibrate_collectives import _timed, rank_contention
 
 
 def _paired(a, b, device: str, inner: int, repeats: int) -> float:
@@ -31,9 +31,10 @@ def _dp_extra_s(units: int, micro: int, mode: str, settings: Settings,
 
 def _dp_step(units: int, micro: int, mode: str, settings: Settings, layers: int = 1):
     """A step: forward + backward of `micro` microbatches through `units` units of `layers`
-    Linear(16, 16) each, plus a root Linear: `plain`, `fsdp` (FSDP2 per unit and root,
-    gradients reduced on the last microbatch only, as the runner does) or `ddp` (DDP with
-    bucket-view gradients, no_sync but on the last microbatch, as the runner does)."""
+    Linear(16, 16) each and a `compute_pad`, plus a root Linear, then a longer pad: `plain`,
+    `fsdp` (FSDP2 per unit and root, gradients reduced on the last microbatch only, as the
+    runner does) or `ddp` (DDP with bucket-view gradients, no_sync but on the last
+    microbatch, as the runner does)."""
     import contextlib
     import torch
     import torch.distributed as dist
@@ -41,9 +42,13 @@ def _dp_step(units: int, micro: int, mode: str, settings: Settings, layers: int 
     from torch.distributed.fsdp import fully_shard
     dev, d = settings.device, 16
     torch.manual_seed(0)
+    padded = not settings.quick and rank_contention(dist.get_world_size(), dev) == 1.0
+    unit_pad = UNIT_PAD_MATMULS if padded else 0
     model = torch.nn.Sequential(torch.nn.Linear(d, d, device=dev), *[
-        torch.nn.Sequential(*[torch.nn.Linear(d, d, device=dev) for _ in range(layers)])
+        torch.nn.Sequential(*[torch.nn.Linear(d, d, device=dev) for _ in range(layers)],
+                            compute_pad(unit_pad, dev))
         for _ in range(units)])
+    pad = compute_pad(PAD_MATMULS if padded else 0, dev)
     run = model
     if mode == "fsdp":
         mesh = init_device_mesh(dev, (dist.get_world_size(),))
@@ -62,8 +67,48 @@ def _dp_step(units: int, micro: int, mode: str, settings: Settings, layers: int 
                 model.set_requires_gradient_sync(last)
             ctx = run.no_sync() if mode == "ddp" and not last else contextlib.nullcontext()
             with ctx:
-                run(x).sum().backward()
+                pad(run(x)).sum().backward()
     return step
+
+
+PAD_MATMULS = 15
+"""Matmuls (192^2) of the `ComputePad` after the model, per microbatch: about 5 ms forward
+and backward per rank at world 2 on the 2-core host, a microbatch of the study models'
+order."""
+
+UNIT_PAD_MATMULS = 2
+"""Matmuls of the `ComputePad` closing each unit: the compute a block of the study models
+does between two of FSDP's gathers (about 0.6 ms at world 2)."""
+
+
+def compute_pad(matmuls: int, device: str):
+    """A parameter-free module that adds zero times a chain of `matmuls` 192^2 matmuls from
+    a leaf tensor that needs its gradient, so that forward and backward both compute (0: the
+    identity). DDP and FSDP do not see it and the plain twin has the same, so it cancels in
+    `_paired`; what it adds is the time a real model computes between collectives. On a
+    shared CPU host a collective after a few ms of compute costs more than one in a tight
+    loop (the communication threads have gone to sleep): DDP's step measured 1.2-1.5 ms
+    dearer at world 2 after 2-30 ms of compute than after none, and FSDP's gathers dearer
+    between real blocks than between empty ones; a model's step always pays that.
+
+    `_dp_step` pads only where every rank has its own core (or GPU): with more ranks than
+    cores the pads time-share the cores, the threads never idle, and the padded fit
+    over-predicted DP, FSDP and PP at world 4 on this host by 17-29% in median."""
+    import torch
+
+    class ComputePad(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            gen = torch.Generator().manual_seed(1)
+            self.leaf = torch.randn(192, 192, generator=gen).to(device).requires_grad_(True)
+            self.factor = (torch.randn(192, 192, generator=gen) / 14).to(device)
+
+        def forward(self, out):
+            h = self.leaf
+            for _ in range(matmuls):
+                h = h @ self.factor
+            return out + 0.0 * h.sum()
+    return ComputePad() if matmuls else torch.nn.Identity()
 
 
 def measure_fsdp(settings: Settings) -> dict:

@@ -115,18 +115,33 @@ def time_passes(passes: Callable[[], tuple[float, float]], duration_s: float,
     return (statistics.median(t[0] for t in times), statistics.median(t[1] for t in times))
 
 
+ROUNDS = 3
+"""Rounds over all the models (`measure_models`): a slow spell of a shared host lands on one
+round of a few models, and the median over rounds leaves it out."""
+
+
 def measure_models(table: dict[str, tuple[str, dict, int]], settings, sync: Callable[[], None],
                    log: Callable[[str], None] = print) -> dict[str, list[float]]:
-    """key -> [forward, backward] seconds of one microbatch of every model of `table`
-    (`time_passes` medians over 0.5 s, 0.05 s with `settings.quick`). Every rank times the
-    same models in the same order."""
+    """key -> [forward, backward] seconds of one microbatch of every model of `table`: the
+    median over `ROUNDS` rounds over all the models of `time_passes` medians over 0.2 s
+    (0.05 s and one round with `settings.quick`). Every rank times the same models in the
+    same order."""
+    rounds = 1 if settings.quick else ROUNDS
+    keys = sorted(table)
+    times: dict[str, list[tuple[float, float]]] = {key: [] for key in keys}
+    for r in range(rounds):
+        for key in keys:  # built afresh each round: one model in memory at a time
+            passes = model_passes(*table[key], settings.device)
+            sync()
+            times[key].append(time_passes(passes, 0.05 if settings.quick else 0.2))
+        log(f"    round {r + 1} / {rounds} over {len(keys)} models")
     out = {}
-    for i, (key, (name, overrides, mb)) in enumerate(sorted(table.items())):
-        passes = model_passes(name, overrides, mb, settings.device)
-        sync()
-        fwd, bwd = time_passes(passes, 0.05 if settings.quick else 0.5)
+    for i, key in enumerate(keys):
+        fwd = statistics.median(t[0] for t in times[key])
+        bwd = statistics.median(t[1] for t in times[key])
         out[key] = [fwd, bwd]
-        log(f"    {i + 1} / {len(table)} models: {name} mb={mb} "
+        name, _, mb = table[key]
+        log(f"    {i + 1} / {len(keys)} models: {name} mb={mb} "
             f"{fwd * 1e3:.2f} + {bwd * 1e3:.2f} ms")
     return out
 

@@ -238,7 +238,7 @@ def cmd_run(args) -> int:
     from .store import Store
     store = None if args.no_store else Store(args.store)
     out = run(args.model, args.plan, args.nproc, overrides=parse_set(args.set), steps=args.steps,
-              device=args.device, store=store, timeout_s=args.timeout, cp_impl=args.cp_impl)
+              min_timed_s=args.min_timed_s, device=args.device, store=store, timeout_s=args.timeout, cp_impl=args.cp_impl)
     if args.json:
         print(json.dumps({k: v for k, v in out.items() if k != "comm_per_rank"}, indent=1,
                          default=str))
@@ -358,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--nproc", type=int, required=True, help="ranks (local processes)")
     r.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     r.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
+    r.add_argument("--min-timed-s", type=float, default=0.0,
+                   help="time at least this many seconds: more steps when --steps of the "
+                        "warm-up step's length would be shorter (default 0)")
     r.add_argument("--timeout", type=float, default=300.0, help="collective timeout, seconds")
     r.add_argument("--cp-impl", choices=("ring", "torch"), default="ring",
                    help="context-parallel attention: ours (ring) or PyTorch's (CUDA only)")

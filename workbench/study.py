@@ -11,7 +11,7 @@ A study file (see `studies/` and the README's "Studies" section):
     [plan]    search = true (the best plan at each point; fix = "tp=8", dtype, recompute,
               max_tp), or plans = ["fsdp=*,tp=2,dtype=fp32", ...]  ('*' takes the chips left)
     [options] cost options fixed for the whole study
-    [run]     steps, warmup, device, timeout_s          (for do = "run")
+    [run]     steps, min_timed_s, warmup, device, timeout_s   (for do = "run")
     [report]  x, series, timelines                      (read by `workbench report`)
     [[grids]] optional extra grids: each may set models, cluster, sweep, plan, and inherits the
               top-level tables it does not set (one study, several families or plan sets)
@@ -48,7 +48,7 @@ _TABLES = {
     "study": {"name", "question", "do"},
     "cluster": {"preset", "file"},
     "plan": {"search", "plans", "fix", "dtype", "recompute", "max_tp", "top"},
-    "run": {"steps", "warmup", "device", "timeout_s"},
+    "run": {"steps", "min_timed_s", "warmup", "device", "timeout_s"},
     "report": {"x", "series", "timelines"},
 }
 _GRID_KEYS = {"models", "cluster", "sweep", "plan"}
@@ -99,7 +99,9 @@ class RunSettings:
     """How `run` points are executed (`[run]`)."""
 
     steps: int = 5
-    """Timed steps per point."""
+    """Timed steps per point (at least)."""
+    min_timed_s: float = 0.0
+    """Time each point for at least this many seconds (more steps when needed)."""
     warmup: int = 2
     """Untimed steps first."""
     device: str = "cpu"
@@ -427,6 +429,10 @@ def _run_settings(table: dict, where: str) -> RunSettings:
     if not (isinstance(s.steps, int) and s.steps >= 1 and isinstance(s.warmup, int)
             and s.warmup >= 0):
         raise ValueError(f"{where}: [run] steps must be an integer >= 1 and warmup >= 0")
+    if isinstance(s.min_timed_s, bool) or not isinstance(s.min_timed_s, (int, float)) \
+            or not s.min_timed_s >= 0:
+        raise ValueError(f"{where}: [run] min_timed_s must be a number of seconds >= 0, "
+                         f"got {s.min_timed_s!r}")
     return s
 
 

@@ -122,7 +122,7 @@ def _measure(study: Study, point: Point, plan: str, common: dict, tag: dict) -> 
     r = study.run
     try:
         out = run(point.model, plan, point.chips, overrides=point.overrides, steps=r.steps,
-                  warmup=r.warmup, device=r.device, timeout_s=r.timeout_s)
+                  min_timed_s=r.min_timed_s, warmup=r.warmup, device=r.device, timeout_s=r.timeout_s)
     except RunError as exc:
         return {"kind": "measurement", "plan": plan, **common, "payload": tag,
                 "status": "failed", "error": str(exc)[:4000], "device": r.device}

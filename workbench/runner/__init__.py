@@ -96,10 +96,13 @@ def finish(results: list[dict], spec: RunSpec, plan: Plan, graph, cluster, predi
 
 
 def run(model: str, plan: str | Plan, nproc: int, *, overrides: dict | None = None,
-        steps: int = 5, warmup: int = 2, device: str = "cpu", timeout_s: float = 300.0,
+        steps: int = 5, warmup: int = 2, min_timed_s: float = 0.0, device: str = "cpu",
+        timeout_s: float = 300.0,
         store=None, compile: bool = False, seed: int = 0,
         fault: dict | None = None, cp_impl: str = "ring") -> dict[str, Any]:
     """Train `steps` steps of `plan` on `nproc` local ranks; measured beside predicted.
+    With `min_timed_s`, more steps when `steps` would be timed for less than that (short
+    steps on a shared host: one interruption moves the median of 5 steps, not of 100).
 
     Keys: `step_time_s` (median; `step_time_p10_s`, `step_time_p90_s`), `samples_per_s`,
     `tokens_per_s`, `model_tflops_per_chip`, `hardware_tflops_per_chip`, `mfu`, `hfu`,
@@ -119,8 +122,11 @@ def run(model: str, plan: str | Plan, nproc: int, *, overrides: dict | None = No
         device_name = nvml.device_name(0)
     cluster = prediction_cluster(device, nproc, device_name)
     predicted = costmodel.estimate(graph, plan, cluster)
+    if isinstance(min_timed_s, bool) or not isinstance(min_timed_s, (int, float)) \
+            or not min_timed_s >= 0:
+        raise ValueError(f"min_timed_s must be a number of seconds >= 0, got {min_timed_s!r}")
     spec = RunSpec(model=model, plan=plan.compact(), overrides=overrides, steps=steps,
-                   warmup=warmup, device=device, seed=seed, compile=compile,
+                   min_timed_s=float(min_timed_s), warmup=warmup, device=device, seed=seed, compile=compile,
                    cp_impl=cp_impl)
     pred_id = None
     if store is not None:

@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--plan", required=True)
     p.add_argument("--set")
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--min-timed-s", type=float, default=0.0,
+                   help="time at least this many seconds (more steps than --steps if needed)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
     p.add_argument("--timeout", type=float, default=600.0, help="collective timeout, seconds")
     p.add_argument("--store")
@@ -45,7 +47,7 @@ def main(argv=None) -> int:
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo",
                             timeout=datetime.timedelta(seconds=args.timeout))
     spec = RunSpec(args.model, args.plan, overrides=parse_set(args.set), steps=args.steps,
-                   device=args.device, cp_impl=args.cp_impl)
+                   min_timed_s=args.min_timed_s, device=args.device, cp_impl=args.cp_impl)
     result = run_rank(spec)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, result)

@@ -6,8 +6,9 @@ them into a `Measurement`.
 """
 from __future__ import annotations
 
-import statistics
 import contextlib
+import math
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -32,7 +33,10 @@ class RunSpec:
     overrides: dict = field(default_factory=dict)
     """Model config overrides."""
     steps: int = 5
-    """Timed steps."""
+    """Timed steps (at least; see `min_timed_s`)."""
+    min_timed_s: float = 0.0
+    """Time at least this many seconds: more timed steps than `steps` when the last warm-up
+    step says `steps` would be shorter (every rank runs the largest count any rank asks)."""
     warmup: int = 2
     """Untimed steps first (DDP rebuilds its buckets on its second step)."""
     device: str = "cpu"
@@ -118,17 +122,25 @@ def run_rank(spec: RunSpec) -> dict:
                                   for n in out["grads"]
                                   if id(_param(named, n)) in experts}
         opt.zero_grad(set_to_none=True)
+    warm_s = None
     for _ in range(spec.warmup):
+        start = time.perf_counter()
         _step(par, plan, inputs, target, opt)
+        _sync(device)
+        warm_s = time.perf_counter() - start
     with counter:  # one untimed step counts the collectives (the counting slows it down)
+        start = time.perf_counter()
         _step(par, plan, inputs, target, opt)
+        _sync(device)
+        warm_s = warm_s or time.perf_counter() - start
+    steps = timed_steps(spec.steps, spec.min_timed_s, warm_s, device)
     times = []
     sampler = None
     if dist.get_rank() == 0:
         from ..profiler import make_sampler
         sampler, out["sampler_message"] = make_sampler(spec.device)
         sampler.start()
-    for i in range(spec.steps):
+    for i in range(steps):
         if sampler is not None:
             sampler.mark_step(i)
         _sync(device)
@@ -145,6 +157,28 @@ def run_rank(spec: RunSpec) -> dict:
     out["comm"] = counter.summary()
     out["memory_peak_bytes"] = _peak_memory(par, plan, inputs, target, opt, device)
     return out
+
+
+MAX_TIMED_STEPS = 1000
+"""Most timed steps `min_timed_s` may ask for."""
+
+
+def steps_for(steps: int, min_timed_s: float, warm_step_s: float) -> int:
+    """Timed steps: `steps`, or enough steps of `warm_step_s` to last `min_timed_s`, at most
+    `MAX_TIMED_STEPS`."""
+    if min_timed_s <= 0:
+        return steps
+    return max(steps, min(MAX_TIMED_STEPS, math.ceil(min_timed_s / max(warm_step_s, 1e-6))))
+
+
+def timed_steps(steps: int, min_timed_s: float, warm_step_s: float,
+                device: torch.device = torch.device("cpu")) -> int:
+    """`steps_for` on this rank, then the largest count over the ranks (one all-reduce), so
+    that every rank runs the same steps."""
+    count = torch.tensor([steps_for(steps, min_timed_s, warm_step_s)], dtype=torch.int64,
+                         device=device)  # nccl: on the GPU
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count.item())
 
 
 def _sync(device: torch.device) -> None:

@@ -1,0 +1,71 @@
+"""The CPU validation benchmark's bookkeeping (the runs themselves are the benchmark): rounds
+over the whole set, and a point's row from its runs."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_validation.py"
+
+
+@pytest.fixture()
+def bench():
+    spec = importlib.util.spec_from_file_location("cpu_validation", PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_row_is_the_median_of_its_runs_beside_the_prediction(bench):
+    point = {"model": "m", "overrides": {}, "plan": "dp=2", "world": 2}
+    runs = [{"step_time_s": t, "steps": 10, "predicted_s": 0.012, "breakdown_s": {}}
+            for t in (0.010, 0.016, 0.011)]
+    row = bench.combine(point, runs)
+    assert row["measured_s"] == 0.011                    # median of 10, 16, 11 ms
+    assert row["error_rel"] == pytest.approx(0.012 / 0.011 - 1)
+    assert row["run_medians_s"] == [0.010, 0.016, 0.011] and row["timed_steps"] == [10] * 3
+    assert bench.combine(point, runs[:1] + [{"error": "rank 1 failed"}])["error"] == \
+        "rank 1 failed"
+
+
+def test_repeats_run_in_rounds_over_the_whole_set(bench, monkeypatch, tmp_path, capsys):
+    chosen = [{"model": name, "overrides": {}, "plan": "dp=2", "world": 2}
+              for name in ("a", "b", "c")]
+    monkeypatch.setattr(bench, "points", lambda worlds: chosen)
+    calls = []
+
+    def fake_run(point, steps, warmup, min_timed_s):
+        calls.append(point["model"])
+        if point["model"] == "c":
+            return {"error": "impossible"}
+        return {"step_time_s": 0.01 * len(calls), "steps": steps, "predicted_s": 0.02,
+                "breakdown_s": {}}
+    monkeypatch.setattr(bench, "run_once", fake_run)
+    out = tmp_path / "rows.json"
+    assert bench.main(["--repeat", "3", "--json", str(out)]) == 0
+    # round by round over the set; a point that failed is not run again
+    assert calls == ["a", "b", "c", "a", "b", "a", "b"]
+    rows = json.loads(out.read_text())
+    assert [r["run_medians_s"] for r in rows[:2]] == [[0.01, 0.04, 0.06], [0.02, 0.05, 0.07]]
+    assert rows[2]["error"] == "impossible"
+    assert "2 points (1 failed)" in capsys.readouterr().out
+
+
+def test_repredict_keeps_the_measurement_and_predicts_again(bench, tmp_path, capsys):
+    from workbench import costmodel, models
+    from workbench.runner import prediction_cluster
+    point = {"model": "lstm-tiny", "overrides": {"dropout": 0.0},
+             "plan": "dp=2,mb=2,gbs=8,dtype=fp32", "world": 2}
+    rows = [{**point, "measured_s": 0.010, "predicted_s": 1.0, "error_rel": 99.0},
+            {**point, "plan": "tp=3", "error": "impossible"}]
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(rows))
+    assert bench.main(["--repredict", str(path)]) == 0
+    want = costmodel.estimate(costmodel.graph(models.get("lstm-tiny", dropout=0.0)),
+                              point["plan"], prediction_cluster("cpu", 2)).step_time_s
+    again = bench.repredict(rows)
+    assert again[0]["measured_s"] == 0.010 and again[0]["predicted_s"] == want
+    assert again[0]["error_rel"] == pytest.approx(want / 0.010 - 1)
+    assert again[1] == rows[1]
+    assert "1 points (1 failed)" in capsys.readouterr().out
