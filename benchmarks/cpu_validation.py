@@ -97,12 +97,6 @@ def combine(point: dict, runs: list[dict]) -> dict:
             "breakdown_s": runs[0]["breakdown_s"]}
 
 
-def measure(point: dict, steps: int, warmup: int, repeat: int = 1,
-            min_timed_s: float = 0.0) -> dict:
-    """Run one point `repeat` times back to back (fresh processes each) and `combine` them."""
-    return combine(point, [run_once(point, steps, warmup, min_timed_s) for _ in range(repeat)])
-
-
 def repredict(rows: list[dict]) -> list[dict]:
     """Rows of an earlier `--json` with their predictions made again by the current profile
     (what a new calibration would have said of the same measured runs; failed rows kept)."""
