@@ -17,6 +17,8 @@ from .ops import OpCost, cost
 TP_RULES = (
     "none",       # not split by TP (CNN layers, recurrent layers): replicated on every TP rank
     "replicate",  # computed redundantly on every TP rank (norms without sequence parallel)
+    "gathered",   # replicated, and opens a replicated block (an MoE layer) that sequence
+                  # parallelism all-gathers the input of and re-splits the output of
     "column",     # output features split (QKV, MLP up/gate projections)
     "row",        # input features split, partial sums all-reduced (attention out, MLP down)
     "heads",      # attention heads split

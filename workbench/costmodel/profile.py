@@ -64,6 +64,9 @@ class GraphProfile:
     """Attention Q+O bytes per sample (with `kv_bytes`, what all-to-all CP moves)."""
     moe_buffer_bytes: np.ndarray
     """Expert input buffer bytes per sample (what all-to-all dispatch moves), on `w1` only."""
+    tp_gather_bytes: np.ndarray
+    """Input bytes per sample of a block TP leaves whole (an MoE layer; the `gathered` op
+    that opens it), which sequence parallelism all-gathers; 0 for other ops."""
     counts: np.ndarray
     """(U+2) x S: layers of each signature in each row [pre, units..., post]."""
     checkpoint_sig: np.ndarray
@@ -148,13 +151,16 @@ def profile(graph: LayerGraph) -> GraphProfile:
                   * shape.get("dtype_bytes", 2))
         if layer.kind == "batched_matmul" and layer.ep and layer.name.endswith(".w1"):
             moe = shape["batch"] * shape["m"] * shape["k"] * shape.get("dtype_bytes", 2)
+        gather = (shape["tokens"] * shape["in_features"] * shape.get("dtype_bytes", 2)
+                  if layer.tp == "gathered" else 0)
         col = dict(kind=layer.kind, tp_split=layer.tp in TP_SPLIT,
                    tp_sequence=layer.tp == "sequence", cp=layer.cp, ep=layer.ep,
                    counted=layer.counted, fwd_flops=layer.fwd_flops, bwd_flops=layer.bwd_flops,
                    rw_bytes=layer.read_bytes + layer.write_bytes, saved_bytes=layer.saved_bytes,
                    params=layer.params, tp_allreduce_bytes=tp_bytes, tp_fwd_calls=tp_fwd,
                    tp_bwd_calls=tp_bwd,
-                   score_elements=score, kv_bytes=kv, qo_bytes=qo, moe_buffer_bytes=moe)
+                   score_elements=score, kv_bytes=kv, qo_bytes=qo, moe_buffer_bytes=moe,
+                   tp_gather_bytes=gather)
         key = tuple(col.values())
         if key not in keys:
             keys[key] = len(cols)
@@ -170,6 +176,6 @@ def profile(graph: LayerGraph) -> GraphProfile:
                              dtype=object if name == "kind" else None) for name in cols[0]}
     for name in ("fwd_flops", "bwd_flops", "rw_bytes", "saved_bytes", "params",
                  "tp_allreduce_bytes", "score_elements", "kv_bytes", "qo_bytes",
-                 "moe_buffer_bytes"):
+                 "moe_buffer_bytes", "tp_gather_bytes"):
         arrays[name] = arrays[name].astype(float)
     return GraphProfile(graph=graph, counts=counts, checkpoint_sig=first_sig, **arrays)

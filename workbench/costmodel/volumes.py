@@ -62,6 +62,14 @@ def layer_collectives(prof: GraphProfile, plans: PlanArrays,
         "TP all-reduce (reduce-scatter + all-gather with SP)", "all_reduce", "tp",
         prof.tp_allreduce_bytes[:, None] * mb / cp * elem * ones,
         prof.tp_fwd_calls[:, None] * ones, (prof.tp_bwd_calls[:, None] + full * row) * ones))
+    # SP around a block TP leaves whole (MoE): its input is all-gathered forward, and its
+    # output split again, whose backward all-gathers the gradient (the input gradient is
+    # the same on every rank, so the gather's backward is a local split); a full recompute
+    # gathers the input again.
+    gathered = (prof.tp_gather_bytes > 0)[:, None] * plans.sp[None, :] * ones
+    out.append(LayerCollective("TP all-gather around a whole MoE block (SP)", "all_gather",
+                               "tp", prof.tp_gather_bytes[:, None] * mb / cp * elem * ones,
+                               gathered, gathered * (1 + full)))
     attention = (prof.kv_bytes > 0)[:, None] * ones
     if opt.cp_algorithm == "ring":
         # Ring attention = all-gather of K/V forward; all-gather K/V + reduce-scatter dK/dV

@@ -49,20 +49,23 @@ def add_moe(b: GraphBuilder, prefix: str, unit: int, tokens: int, dim: int, ffn:
     """`workbench.models.moe.MoE`: router linear + top-k routing, then capacity-padded experts.
 
     Each expert runs `capacity` slots whatever the routing, so FLOPs are
-    experts x capacity x (2 or 3 matmuls of dim x ffn).
+    experts x capacity x (2 or 3 matmuls of dim x ffn). Tensor parallelism leaves the whole
+    block on every TP rank (experts are split by EP instead, as the runner's TP plan does):
+    its ops are `replicate`, the gate `gathered` (with sequence parallelism the block's input
+    is all-gathered and its output split again).
     """
     cap = expert_capacity(tokens, experts, top_k, capacity_factor)
     b.add(f"{prefix}.gate", "linear", tokens=tokens, in_features=dim, out_features=experts,
-          bias=False, unit=unit, tp="replicate", cp=True)
+          bias=False, unit=unit, tp="gathered", cp=True)
     b.add(f"{prefix}.router", "moe_router", tokens=tokens, experts=experts, top_k=top_k,
           unit=unit, tp="replicate", cp=True)
-    up = dict(batch=experts, m=cap, k=dim, n=ffn, params=True, unit=unit, tp="column", ep=True)
+    up = dict(batch=experts, m=cap, k=dim, n=ffn, params=True, unit=unit, tp="replicate", ep=True)
     b.add(f"{prefix}.experts.w1", "batched_matmul", bias=bias, **up)
     if gated:
         b.add(f"{prefix}.experts.w3", "batched_matmul", **up)
     b.add(f"{prefix}.experts.act", "elementwise", elements=experts * cap * ffn,
-          flops_per_element=8, unit=unit, tp="column", ep=True)
+          flops_per_element=8, unit=unit, tp="replicate", ep=True)
     b.add(f"{prefix}.experts.w2", "batched_matmul", batch=experts, m=cap, k=ffn, n=dim,
-          params=True, bias=bias, unit=unit, tp="row", ep=True)
+          params=True, bias=bias, unit=unit, tp="replicate", ep=True)
     b.add(f"{prefix}.combine", "elementwise", elements=top_k * tokens * dim, flops_per_element=2,
           unit=unit, tp="replicate", cp=True)
