@@ -290,6 +290,8 @@ def test_quick_calibrate_writes_a_profile_the_cost_model_loads(tmp_path, capfd):
     assert set(eff.curves_fwd) == {"linear", "batched_matmul", "attention", "conv", "lstm"}
     # quick settings are noisy: a kind's fitted dispatch may come out 0, not all of them
     assert sum(eff.dispatch_fwd_s.values()) > 0 and eff.optimizer_tensor_s > 0
+    written = json.loads(out.read_text())["worlds"][0]["chip"]["efficiency"]
+    assert {"tp_op_fwd_s", "tp_op_bwd_s", "tp_collective_s"} <= set(written)
     e = costmodel.estimate(costmodel.graph("llama-tiny"), "fsdp=2,gbs=4,mb=2,dtype=fp32", cluster)
     assert e.step_time_s > 0 and e.breakdown_s["fsdp_exposed_s"] > 0
     # alexnet-tiny at microbatch 2: its 5 convolutions and 3 linear layers, each measured
@@ -325,6 +327,26 @@ def test_fsdp_fixed_costs_are_charged_per_gathered_tensor_microbatch_and_step():
                                                  + 2 * (gathered * 1e-5 + 1e-3) + 3e-3)
     dp = "dp=2,mb=2,gbs=8,dtype=fp32"  # not sharded: no FSDP costs
     assert step_s(dp, **some) == pytest.approx(step_s(dp, **none))
+
+
+def test_tp_collective_cost_is_charged_per_tp_collective_call():
+    from efficiency_support import with_efficiency
+    cl = hardware.load_cpu_cluster(2)
+    graph = costmodel.graph("llama-tiny")  # 2 layers: tied to nothing, vocab-parallel ends
+
+    def step_s(plan, **figures):
+        return costmodel.estimate(graph, plan, with_efficiency(cl, **figures)).step_time_s
+    tp = "tp=2,mb=1,gbs=2,dtype=fp32"  # 2 microbatches on the one TP group
+    calls = sum(c.count_per_step for c in costmodel.estimate(graph, tp, cl).comm
+                if c.group == "tp")
+    # per microbatch: each layer's wo and w2 all-reduce forward and backward (2 x 2 x 2), the
+    # vocabulary-parallel embedding forward, the head backward: 10; x 2 microbatches
+    assert calls == 2 * (2 * 2 * 2 + 2) == 20
+    # 20 calls x 1 ms
+    assert step_s(tp, tp_collective_s=1e-3) == pytest.approx(step_s(tp, tp_collective_s=0.0)
+                                                             + 20 * 1e-3)
+    dp = "dp=2,mb=1,gbs=2,dtype=fp32"  # no TP collective: nothing charged
+    assert step_s(dp, tp_collective_s=1e-3) == pytest.approx(step_s(dp, tp_collective_s=0.0))
 
 
 def test_compute_pad_adds_zero_but_computes_both_ways():

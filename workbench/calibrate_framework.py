@@ -40,7 +40,7 @@ def _dp_step(units: int, micro: int, mode: str, settings: Settings, layers: int 
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    dev, d = settings.device, 16
+    dev, d = settings.device, UNIT_WIDTH
     torch.manual_seed(0)
     padded = not settings.quick and rank_contention(dist.get_world_size(), dev) == 1.0
     unit_pad = UNIT_PAD_MATMULS if padded else 0
@@ -70,6 +70,9 @@ def _dp_step(units: int, micro: int, mode: str, settings: Settings, layers: int 
                 pad(run(x)).sum().backward()
     return step
 
+
+UNIT_WIDTH = 16
+"""Features of the Linear layers of `_dp_step`'s units."""
 
 PAD_MATMULS = 15
 """Matmuls (192^2) of the `ComputePad` after the model, per microbatch: about 5 ms forward
@@ -129,7 +132,7 @@ def measure_fsdp(settings: Settings) -> dict:
     gather, tensor, reduce, micro_s, step_s = nnls(rows, ys)
     return {"gather_s": float(gather), "tensor_s": float(tensor), "reduce_s": float(reduce),
             "microbatch_s": float(micro_s), "step_s": float(step_s),
-            "unit_bytes": (16 * 16 + 16) * 4}
+            "unit_bytes": (UNIT_WIDTH * UNIT_WIDTH + UNIT_WIDTH) * 4}
 
 
 def measure_ddp(settings: Settings) -> dict:
@@ -150,41 +153,63 @@ def measure_ddp(settings: Settings) -> dict:
 
 
 def measure_tp(settings: Settings) -> dict:
-    """Extra forward and backward seconds per tensor-parallel op (a ColwiseParallel +
-    RowwiseParallel pair of Linear(16, 32) / Linear(32, 16) per block, over all ranks) against
-    the same blocks unsplit, per op (two ops per block, one all-reduce each way), and the
-    all-reduce bytes."""
+    """Tensor parallelism's extra seconds against the same blocks unsplit, split into a cost
+    per op on distributed-tensor weights and a cost per TP collective, as the runner's plans
+    pay them: a block takes a replicated input (`PrepareModuleInput`, whose backward
+    all-reduces the input gradient once), runs `fan` column-parallel Linear(16, 32) whose
+    outputs add, then one row-parallel Linear(32, 16) (its output all-reduced). Blocks of one
+    column op (GPT and ViT: qkv, fc1) and of three (Llama: wq, wk, wv) both hold one
+    collective each way, so their difference prices the ops and the rest the collectives.
+    Each from the slope between 1 and 5 blocks, split and unsplit timed in pairs."""
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
-                                                   parallelize_module)
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
+                                                   RowwiseParallel, parallelize_module)
     dev, world = settings.device, dist.get_world_size()
     mesh = init_device_mesh(dev, (world,))
 
-    def make(split):
-        def build(length):
-            blocks = torch.nn.Sequential(*[torch.nn.Sequential(
-                torch.nn.Linear(16, 32, device=dev), torch.nn.Linear(32, 16, device=dev))
-                for _ in range(length)])
-            if split:
-                parallelize_module(blocks, mesh, {f"{i}.{j}": style for i in range(length)
-                                                  for j, style in ((0, ColwiseParallel()),
-                                                                   (1, RowwiseParallel()))})
-            x = torch.randn(8, 16, device=dev)
-            return lambda: blocks(x)
-        return build
+    class Block(torch.nn.Module):
+        def __init__(self, fan: int):
+            super().__init__()
+            self.cols = torch.nn.ModuleList(torch.nn.Linear(16, 32, device=dev)
+                                            for _ in range(fan))
+            self.row = torch.nn.Linear(32, 16, device=dev)
+
+        def forward(self, x):
+            return self.row(sum(col(x) for col in self.cols))
+
+    def make(split: bool, fan: int, length: int):
+        torch.manual_seed(0)
+        blocks = torch.nn.Sequential(*[Block(fan) for _ in range(length)])
+        if split:
+            plan = {}
+            for i in range(length):
+                plan[str(i)] = PrepareModuleInput(input_layouts=(Replicate(),),
+                                                  desired_input_layouts=(Replicate(),))
+                plan.update({f"{i}.cols.{j}": ColwiseParallel() for j in range(fan)})
+                plan[f"{i}.row"] = RowwiseParallel()
+            parallelize_module(blocks, mesh, plan)
+        x = torch.randn(8, 16, device=dev)
+        return lambda: blocks(x)
     lengths, inner = (1, 5), 5 if settings.quick else 12
     reps = 3 if settings.quick else max(5, 2 * settings.repeats)
-    fwd, both = [], []
-    for length in lengths:  # beyond the unsplit blocks, split and unsplit timed in pairs
-        split, plain = make(True)(length), make(False)(length)
-        fwd.append(_paired(split, plain, dev, inner, reps))
-        both.append(_paired(lambda: split().sum().backward(), lambda: plain().sum().backward(),
-                            dev, inner, reps))
-    ops = 2 * (lengths[1] - lengths[0])  # two TP ops per block
-    f = (fwd[1] - fwd[0]) / ops
-    return {"fwd_s": f, "bwd_s": (both[1] - both[0]) / ops - f, "allreduce_bytes": 8 * 16 * 4}
+    per_block = {}  # fan -> (forward, forward + backward) seconds per block beyond unsplit
+    for fan in (1, 3):
+        fwd, both = [], []
+        for length in lengths:
+            split, plain = make(True, fan, length), make(False, fan, length)
+            fwd.append(_paired(split, plain, dev, inner, reps))
+            both.append(_paired(lambda: split().sum().backward(),
+                                lambda: plain().sum().backward(), dev, inner, reps))
+        blocks = lengths[1] - lengths[0]
+        per_block[fan] = ((fwd[1] - fwd[0]) / blocks, (both[1] - both[0]) / blocks)
+    (f1, b1), (f3, b3) = per_block[1], per_block[3]
+    op_f, op_both = (f3 - f1) / 2, (b3 - b1) / 2  # two more ops, as many collectives
+    return {"fwd_s": op_f, "bwd_s": op_both - op_f,
+            "collective_fwd_s": f1 - 2 * op_f, "collective_bwd_s": (b1 - f1) - 2 * (op_both - op_f),
+            "allreduce_bytes": 8 * 16 * 4}
 
 
 def measure_pp(settings: Settings) -> dict:

@@ -121,6 +121,10 @@ class ChipEfficiency:
     """Extra forward seconds of an op on tensor-parallel (distributed tensor) weights."""
     tp_op_bwd_s: float = 0.0
     """Extra backward seconds of such an op."""
+    tp_collective_s: float = 0.0
+    """Fixed seconds of each TP collective call (forward or backward) beyond the link model
+    and `collective_call_s`: the distributed tensor's redistribution, and on a host whose
+    ranks share cores the ranks meeting after their compute."""
     pp_action_s: float = 0.0
     """Fixed seconds per pipeline-schedule action (one forward or backward of a microbatch
     on a stage: stage bookkeeping, buffers, send/recv posting)."""
@@ -218,7 +222,7 @@ _CURVE_KINDS = ("linear", "batched_matmul", "attention", "conv", "lstm")
 _SCALARS = ("optimizer_tensor_s", "optimizer_dtensor_s", "optimizer_bytes_per_param",
             "collective_call_s", "ddp_microbatch_s", "ddp_tensor_s", "ddp_step_s",
             "fsdp_gather_s", "fsdp_reduce_s", "fsdp_tensor_s", "fsdp_microbatch_s", "fsdp_step_s",
-            "tp_op_fwd_s", "tp_op_bwd_s", "pp_action_s", "cp_step_s")
+            "tp_op_fwd_s", "tp_op_bwd_s", "tp_collective_s", "pp_action_s", "cp_step_s")
 _REQUIRED = ("source", "memory", "op_overhead_s", "curves")
 _OPTIONAL = ("curves_bwd", "dispatch_fwd_s", "dispatch_bwd_s", "comm_overlap",
              "rank_contention", "op_kernels_s", "model_passes_s") + _SCALARS

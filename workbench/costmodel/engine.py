@@ -23,7 +23,9 @@ so GPU predictions do not depend on them; a calibrated chip carries measured val
   is spread over the model's ops per pass: added to their dispatch when the ops predict too
   little (host work, not divided by TP or CP), taken off their kernels when too much;
 - an op on tensor-parallel weights (TP-split ops with parameters when tp > 1, and the
-  sequence-parallel ops with SP) pays `tp_op_fwd_s` / `tp_op_bwd_s` more (distributed-tensor dispatch);
+  sequence-parallel ops with SP) pays `tp_op_fwd_s` / `tp_op_bwd_s` more (distributed-tensor
+  dispatch), and each TP collective call `tp_collective_s` more (redistribution; ranks
+  meeting after compute);
 - ring attention pays `cp_step_s` per K/V block step, (cp - 1) steps per pass;
 - every collective call pays `collective_call_s` on top of the link latency;
 - DDP pays `ddp_microbatch_s` per microbatch, `ddp_tensor_s` per parameter tensor and
@@ -236,11 +238,14 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
 
     # TP, CP and EP collectives inside each op, on the critical path.
     group_sig = {"tp": 0.0, "cp": 0.0, "ep": 0.0}
+    tp_call_s = efficiency_for(cluster.chip).tp_collective_s
     for fam in layer_collectives(prof, plans, opt):
         n_g, s_g = group_of(plans, fam.group)
         calls = fam.fwd_calls + fam.bwd_calls
-        group_sig[fam.group] = group_sig[fam.group] + calls * collective_s(
-            fam.kind, fam.bytes, n_g, s_g, cluster)
+        t_call = collective_s(fam.kind, fam.bytes, n_g, s_g, cluster)
+        if fam.group == "tp" and tp_call_s:
+            t_call = t_call + np.where(n_g > 1, tp_call_s, 0.0)
+        group_sig[fam.group] = group_sig[fam.group] + calls * t_call
         _record_per_op(records, fam.name, fam.kind, fam.group, n_g, s_g, fam.bytes, calls,
                        counts, prof, plans, cluster)
     tp_sig, cp_sig, ep_sig = group_sig["tp"], group_sig["cp"], group_sig["ep"]
