@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python benchmarks/cpu_validation.py [--world 2,4] [--only SUBSTRING]
      [--steps 8] [--min-timed-s 1] [--warmup 2] [--repeat 3] [--json FILE]
-     [--repredict ROWS]
+     [--calibrate-each-round DIR] [--repredict ROWS]
 
 Each point (a model flavour with its overrides, a plan, a world size) runs with
 `workbench.runner.run` (gloo, one torch thread per rank; after `warmup` steps, `steps` timed
@@ -16,6 +16,12 @@ gives measured and predicted step times and the error (predicted / measured - 1)
 largest and the median absolute error against the targets (15% and 8%). Failed points are
 listed and left out of the summary. Timings are noisy on a shared 2-core machine: rerun on a
 quiet one for the figures that count.
+
+`--calibrate-each-round DIR` calibrates the host (`workbench calibrate --world 2,4 --ops-for`
+the study, about 7 minutes) into DIR/round-N.json before each round and predicts that round's
+runs with it; a point's prediction is then the median of its rounds' predictions. The speed of
+a shared host drifts over tens of minutes (the matmul peak read 61 to 92 GFLOP/s on one night),
+so a calibration taken an hour before a run predicts the host of an hour before.
 
 `--repredict ROWS` runs nothing: it predicts the measured rows of an earlier `--json` file
 again with the current profile (after a new calibration, the same measured runs against the
@@ -89,28 +95,47 @@ def combine(point: dict, runs: list[dict]) -> dict:
     if failed:
         return {**point, "error": failed[0]}
     measured = statistics.median(r["step_time_s"] for r in runs)
-    predicted = runs[0]["predicted_s"]
+    predicted = statistics.median(r["predicted_s"] for r in runs)  # one profile: all equal
     return {**point, "measured_s": measured, "predicted_s": predicted,
             "error_rel": predicted / measured - 1,
             "run_medians_s": [r["step_time_s"] for r in runs],
+            "run_predictions_s": [r["predicted_s"] for r in runs],
             "timed_steps": [r["steps"] for r in runs],
             "breakdown_s": runs[0]["breakdown_s"]}
+
+
+def predict(point: dict, profile: str | None = None) -> dict:
+    """The cost model's step time and breakdown for a point, with the calibrated profile at
+    `profile` (default: the shipped `workbench/data/cpu.json`, as `run` predicts)."""
+    from workbench import hardware
+    from workbench.runner import prediction_cluster
+    graph = costmodel.graph(models.get(point["model"], **point["overrides"]))
+    cluster = (hardware.load_cpu_cluster(point["world"], path=profile) if profile
+               else prediction_cluster("cpu", point["world"]))
+    est = costmodel.estimate(graph, point["plan"], cluster)
+    return {"predicted_s": est.step_time_s, "breakdown_s": est.to_json()["breakdown_s"]}
+
+
+def calibrate_now(out: Path) -> str:
+    """Calibrate this host for the set (`workbench calibrate --world 2,4 --ops-for` the
+    study) into `out`; its path."""
+    import subprocess
+    cmd = [sys.executable, "-m", "workbench.cli", "calibrate", "--device", "cpu",
+           "--world", "2,4", "--ops-for", str(STUDY), "--out", str(out)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return str(out)
 
 
 def repredict(rows: list[dict]) -> list[dict]:
     """Rows of an earlier `--json` with their predictions made again by the current profile
     (what a new calibration would have said of the same measured runs; failed rows kept)."""
-    from workbench.runner import prediction_cluster
     out = []
     for r in rows:
         if "measured_s" not in r:
             out.append(r)
             continue
-        graph = costmodel.graph(models.get(r["model"], **r["overrides"]))
-        est = costmodel.estimate(graph, r["plan"], prediction_cluster("cpu", r["world"]))
-        out.append({**r, "predicted_s": est.step_time_s,
-                    "error_rel": est.step_time_s / r["measured_s"] - 1,
-                    "breakdown_s": est.to_json()["breakdown_s"]})
+        again = predict(r)
+        out.append({**r, **again, "error_rel": again["predicted_s"] / r["measured_s"] - 1})
     return out
 
 
@@ -149,6 +174,9 @@ def main(argv=None) -> int:
                          "the median is kept)")
     ap.add_argument("--min-timed-s", type=float, default=1.0,
                     help="time each run for at least this many seconds (default 1)")
+    ap.add_argument("--calibrate-each-round", default=None, metavar="DIR",
+                    help="calibrate the host into DIR/round-N.json before each round and "
+                         "predict that round's runs with it (a host whose speed drifts)")
     ap.add_argument("--json", default=None, help="also write every row to this file")
     ap.add_argument("--repredict", default=None, metavar="ROWS",
                     help="run nothing: predict the measured rows of an earlier --json file "
@@ -169,11 +197,20 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     rows = []
     for round_ in range(args.repeat):  # rounds: a slow spell of the host hits one run per point
+        profile = None
+        if args.calibrate_each_round:
+            folder = Path(args.calibrate_each_round)
+            folder.mkdir(parents=True, exist_ok=True)
+            print(f"  [{time.perf_counter() - start:6.0f} s] round {round_ + 1}: calibrating",
+                  flush=True)
+            profile = calibrate_now(folder / f"round-{round_ + 1}.json")
         for i, p in enumerate(chosen):
             if runs[i] and "error" in runs[i][-1]:
                 continue  # failed once: reported, not retried
             runs[i].append(run_once(p, args.steps, args.warmup, args.min_timed_s))
             r = runs[i][-1]
+            if profile and "error" not in r:
+                r.update(predict(p, profile))
             note = r.get("error") or (f"{r['step_time_s'] * 1e3:.2f} ms ({r['steps']} steps) "
                                       f"vs {r['predicted_s'] * 1e3:.2f} ms")
             print(f"  [{time.perf_counter() - start:6.0f} s] round {round_ + 1}/{args.repeat} "

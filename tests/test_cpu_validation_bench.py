@@ -52,6 +52,30 @@ def test_repeats_run_in_rounds_over_the_whole_set(bench, monkeypatch, tmp_path, 
     assert "2 points (1 failed)" in capsys.readouterr().out
 
 
+def test_each_round_can_be_predicted_with_its_own_calibration(bench, monkeypatch, tmp_path):
+    chosen = [{"model": "a", "overrides": {}, "plan": "dp=2", "world": 2}]
+    monkeypatch.setattr(bench, "points", lambda worlds: chosen)
+    monkeypatch.setattr(bench, "run_once", lambda point, steps, warmup, min_timed_s: {
+        "step_time_s": 0.010, "steps": steps, "predicted_s": 1.0, "breakdown_s": {}})
+    made = []
+
+    def fake_calibrate(out):
+        made.append(out.name)
+        return str(out)
+    monkeypatch.setattr(bench, "calibrate_now", fake_calibrate)
+    # round N's profile predicts N x 4 ms
+    monkeypatch.setattr(bench, "predict", lambda point, profile: {
+        "predicted_s": 0.004 * int(Path(profile).stem.split("-")[1]), "breakdown_s": {}})
+    out = tmp_path / "rows.json"
+    assert bench.main(["--repeat", "3", "--calibrate-each-round", str(tmp_path / "cal"),
+                       "--json", str(out)]) == 0
+    assert made == ["round-1.json", "round-2.json", "round-3.json"]
+    row = json.loads(out.read_text())[0]
+    assert row["run_predictions_s"] == [0.004, 0.008, 0.012]
+    assert row["predicted_s"] == 0.008                   # the median of 4, 8 and 12 ms
+    assert row["error_rel"] == pytest.approx(0.008 / 0.010 - 1)
+
+
 def test_repredict_keeps_the_measurement_and_predicts_again(bench, tmp_path, capsys):
     from workbench import costmodel, models
     from workbench.runner import prediction_cluster
