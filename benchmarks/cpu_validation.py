@@ -18,7 +18,7 @@ listed and left out of the summary. Timings are noisy on a shared 2-core machine
 quiet one for the figures that count.
 
 `--calibrate-each-round DIR` calibrates the host (`workbench calibrate --world 2,4 --ops-for`
-the study, about 7 minutes) into DIR/round-N.json before each round and predicts that round's
+the study, about 8 minutes) into DIR/round-N.json before each round and predicts that round's
 runs with it; a point's prediction is then the median of its rounds' predictions. The speed of
 a shared host drifts over tens of minutes (the matmul peak read 61 to 92 GFLOP/s on one night),
 so a calibration taken an hour before a run predicts the host of an hour before.
@@ -95,7 +95,8 @@ def combine(point: dict, runs: list[dict]) -> dict:
     if failed:
         return {**point, "error": failed[0]}
     measured = statistics.median(r["step_time_s"] for r in runs)
-    predicted = statistics.median(r["predicted_s"] for r in runs)  # one profile: all equal
+    # one profile: all equal; --calibrate-each-round: one per round
+    predicted = statistics.median(r["predicted_s"] for r in runs)
     return {**point, "measured_s": measured, "predicted_s": predicted,
             "error_rel": predicted / measured - 1,
             "run_medians_s": [r["step_time_s"] for r in runs],

@@ -332,7 +332,7 @@ def test_fsdp_fixed_costs_are_charged_per_gathered_tensor_microbatch_and_step():
 def test_tp_collective_cost_is_charged_per_tp_collective_call():
     from efficiency_support import with_efficiency
     cl = hardware.load_cpu_cluster(2)
-    graph = costmodel.graph("llama-tiny")  # 2 layers: tied to nothing, vocab-parallel ends
+    graph = costmodel.graph("llama-tiny")  # 2 layers, vocabulary-parallel embedding and head
 
     def step_s(plan, **figures):
         return costmodel.estimate(graph, plan, with_efficiency(cl, **figures)).step_time_s
@@ -357,6 +357,7 @@ def test_compute_pad_adds_zero_but_computes_both_ways():
     y = pad(x)
     assert torch.equal(y, x)                       # + 0 * (the chain's sum): the same values
     y.sum().backward()
-    assert pad.leaf.grad is not None and pad.leaf.grad.shape == (192, 192)  # the chain's backward ran
+    # the chain's backward ran
+    assert pad.leaf.grad is not None and pad.leaf.grad.shape == (192, 192)
     assert not list(pad.parameters())              # nothing for DDP or FSDP to see
     assert isinstance(compute_pad(0, "cpu"), torch.nn.Identity)

@@ -320,8 +320,7 @@ def world_profile(m: dict, ranks: int, settings: Settings, stamp: str) -> dict:
             ddp_step_s=max(0.0, m["ddp"]["step_s"]
                            - t("all_reduce", 3 * m["ddp"]["bytes_per_unit"])),
             tp_op_fwd_s=max(0.0, tp["fwd_s"]), tp_op_bwd_s=max(0.0, tp["bwd_s"]),
-            tp_collective_s=max(0.0, (tp["collective_fwd_s"] + tp["collective_bwd_s"]) / 2
-                                - t("all_reduce", tp["allreduce_bytes"])),
+            tp_collective_s=max(0.0, tp["collective_s"] - t("all_reduce", tp["allreduce_bytes"])),
             pp_action_s=max(0.0, (pp["per_microbatch_s"] - pp["stage_s"]) / 2
                             - t("send_recv", pp["message_bytes"])),
             cp_step_s=max(0.0, (cp["extra_s"] - 2 * t("all_gather", cp["kv_bytes"])

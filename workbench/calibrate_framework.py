@@ -2,9 +2,10 @@
 
 Each from several sizes of a tiny synthetic model, so that fixed start-up costs cancel, and
 beyond the same model unsplit and the modelled collectives: DDP per microbatch, parameter
-tensor and step; FSDP2 per unit all-gather and reduction; distributed-tensor ops under tensor
-parallelism; pipeline-schedule actions; ring-attention steps; AdamW on distributed-tensor
-parameters. Every rank runs them at once (`calibrate_collectives.measure_rank`).
+tensor and step; FSDP2 per unit all-gather and reduction; tensor parallelism per op on
+distributed-tensor weights and per collective; pipeline-schedule actions; ring-attention steps;
+AdamW on distributed-tensor parameters. Every rank runs them at once
+(`calibrate_collectives.measure_rank`).
 """
 from __future__ import annotations
 
@@ -207,8 +208,8 @@ def measure_tp(settings: Settings) -> dict:
         per_block[fan] = ((fwd[1] - fwd[0]) / blocks, (both[1] - both[0]) / blocks)
     (f1, b1), (f3, b3) = per_block[1], per_block[3]
     op_f, op_both = (f3 - f1) / 2, (b3 - b1) / 2  # two more ops, as many collectives
-    return {"fwd_s": op_f, "bwd_s": op_both - op_f,
-            "collective_fwd_s": f1 - 2 * op_f, "collective_bwd_s": (b1 - f1) - 2 * (op_both - op_f),
+    # a block of one column op: 2 ops, and 2 collectives (one each way) over a whole step
+    return {"fwd_s": op_f, "bwd_s": op_both - op_f, "collective_s": (b1 - 2 * op_both) / 2,
             "allreduce_bytes": 8 * 16 * 4}
 
 

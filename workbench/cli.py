@@ -238,7 +238,8 @@ def cmd_run(args) -> int:
     from .store import Store
     store = None if args.no_store else Store(args.store)
     out = run(args.model, args.plan, args.nproc, overrides=parse_set(args.set), steps=args.steps,
-              min_timed_s=args.min_timed_s, device=args.device, store=store, timeout_s=args.timeout, cp_impl=args.cp_impl)
+              min_timed_s=args.min_timed_s, device=args.device, store=store,
+              timeout_s=args.timeout, cp_impl=args.cp_impl)
     if args.json:
         print(json.dumps({k: v for k, v in out.items() if k != "comm_per_rank"}, indent=1,
                          default=str))
