@@ -349,3 +349,34 @@ def test_pytorch_context_parallel_agrees_with_ring_attention_on_cuda():
     assert out["torch"]["loss"] == pytest.approx(out["ring"]["loss"], rel=1e-5)
     for name, grad in out["ring"]["grads"].items():
         torch.testing.assert_close(out["torch"]["grads"][name], grad, atol=2e-5, rtol=1e-4)
+
+
+def _child_tunables(queue):
+    import os
+    queue.put(os.environ.get("GLIBC_TUNABLES"))
+
+
+def _spawned_tunables(device: str):
+    import multiprocessing as mp
+
+    from workbench.runner.launch import rank_environment
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    with rank_environment(device):
+        p = ctx.Process(target=_child_tunables, args=(q,))
+        p.start()
+    got = q.get(timeout=60)
+    p.join()
+    return got
+
+
+def test_cpu_ranks_start_with_malloc_that_keeps_freed_memory(monkeypatch):
+    import os
+
+    from workbench.runner.launch import CPU_MALLOC_TUNABLES
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert _spawned_tunables("cpu") == CPU_MALLOC_TUNABLES
+    assert "GLIBC_TUNABLES" not in os.environ  # the parent's environment is restored
+    assert _spawned_tunables("cuda") is None
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=1")  # the user's: kept
+    assert _spawned_tunables("cpu") == "glibc.malloc.arena_max=1"

@@ -216,14 +216,15 @@ def run_world(ranks: int, settings: Settings, timeout_s: float = 1800.0) -> list
     """Run `measure_rank` on `ranks` concurrent processes; every rank's figures, by rank.
     RuntimeError naming the rank when one fails."""
     import torch.multiprocessing as mp
-    from .runner.launch import free_port, stop
+    from .runner.launch import free_port, rank_environment, stop
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, ranks, port, settings, results), daemon=True)
              for r in range(ranks)]
-    for p in procs:
-        p.start()
+    with rank_environment(settings.device):  # as the runner's ranks start
+        for p in procs:
+            p.start()
     got: dict[int, dict] = {}
     deadline = time.monotonic() + timeout_s
     try:
