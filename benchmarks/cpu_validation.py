@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python benchmarks/cpu_validation.py [--world 2,4] [--only SUBSTRING]
      [--steps 8] [--min-timed-s 1] [--warmup 2] [--repeat 3] [--json FILE]
-     [--calibrate-each-round DIR] [--repredict ROWS]
+     [--calibrate-each-round DIR] [--repredict ROWS [--profiles DIR]]
 
 Each point (a model flavour with its overrides, a plan, a world size) runs with
 `workbench.runner.run` (gloo, one torch thread per rank; after `warmup` steps, `steps` timed
@@ -25,7 +25,9 @@ so a calibration taken an hour before a run predicts the host of an hour before.
 
 `--repredict ROWS` runs nothing: it predicts the measured rows of an earlier `--json` file
 again with the current profile (after a new calibration, the same measured runs against the
-new predictions; the measurements do not depend on the profile).
+new predictions; the measurements do not depend on the profile); with `--profiles DIR` (the
+DIR of the `--calibrate-each-round` run that measured them) each run with its round's
+profile, as the run itself predicted it.
 
 The set is `studies/cpu-validation.toml` (111 points): every model family under DP and FSDP;
 TP for the transformer families; PP for the families the runner splits; CP for Llama, GPT
@@ -127,15 +129,24 @@ def calibrate_now(out: Path) -> str:
     return str(out)
 
 
-def repredict(rows: list[dict]) -> list[dict]:
-    """Rows of an earlier `--json` with their predictions made again by the current profile
-    (what a new calibration would have said of the same measured runs; failed rows kept)."""
+def repredict(rows: list[dict], profiles: str | None = None) -> list[dict]:
+    """Rows of an earlier `--json` with their predictions made again by the current code and
+    profile (what a new calibration or cost model would have said of the same measured runs;
+    failed rows kept). With `profiles`, the folder of a `--calibrate-each-round` run, run i
+    is predicted with its round's profile (`round-i.json`) and the row keeps the median."""
     out = []
     for r in rows:
         if "measured_s" not in r:
             out.append(r)
             continue
-        again = predict(r)
+        if profiles:
+            runs = [predict(r, str(Path(profiles) / f"round-{i + 1}.json"))
+                    for i in range(len(r["run_medians_s"]))]
+            again = {"predicted_s": statistics.median(x["predicted_s"] for x in runs),
+                     "run_predictions_s": [x["predicted_s"] for x in runs],
+                     "breakdown_s": runs[0]["breakdown_s"]}
+        else:
+            again = predict(r)
         out.append({**r, **again, "error_rel": again["predicted_s"] / r["measured_s"] - 1})
     return out
 
@@ -182,11 +193,16 @@ def main(argv=None) -> int:
     ap.add_argument("--repredict", default=None, metavar="ROWS",
                     help="run nothing: predict the measured rows of an earlier --json file "
                          "again with the current profile, and print that table")
+    ap.add_argument("--profiles", default=None, metavar="DIR",
+                    help="with --repredict: the DIR of the --calibrate-each-round run that "
+                         "measured ROWS; each run is predicted with its round's profile")
     args = ap.parse_args(argv)
+    if args.profiles and not args.repredict:
+        ap.error("--profiles goes with --repredict")
     if args.repeat < 1:
         ap.error(f"--repeat must be >= 1, got {args.repeat}")
     if args.repredict:
-        rows = repredict(json.loads(Path(args.repredict).read_text()))
+        rows = repredict(json.loads(Path(args.repredict).read_text()), args.profiles)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
         print(table(rows))

@@ -218,19 +218,12 @@ def test_prediction_cluster_uses_the_world_calibrated_for_the_ranks():
         2 * efficiency_for(base.chip).rank_contention)
 
 
-def test_pipeline_bubble_is_the_other_stages_and_shrinks_on_shared_cores():
+def test_pipeline_bubble_is_the_other_stages_fill_and_drain():
     from workbench.costmodel.engine import pipeline_bubble_s
-    # own cores, 4 balanced stages of 2 ms: the 3 others' 6 ms; with vpp 2: 3 ms
-    assert pipeline_bubble_s(2e-3, 6e-3, 4, 4, 1) == pytest.approx(6e-3)
-    assert pipeline_bubble_s(2e-3, 6e-3, 4, 4, 2) == pytest.approx(3e-3)
-    # 2 stages of 5 ms and 3 ms: the slow one waits 3 ms for the other's fill and drain
-    assert pipeline_bubble_s(5e-3, 3e-3, 2, 2, 1) == pytest.approx(3e-3)
-    # 2 ranks per core, 4 balanced stages, 4 microbatches: critical path (8 + 6) / 2 = 7 ms,
-    # the cores' work 4 x (2 + 6) / 4 = 8 ms = m x T: no bubble; with 2 microbatches:
-    # max((4 + 6) / 2, 2 x 8 / 4) - 4 = 1 ms; no pipeline: nothing
-    assert pipeline_bubble_s(2e-3, 6e-3, 4, 4, 1, 2.0) == pytest.approx(0.0)
-    assert pipeline_bubble_s(2e-3, 6e-3, 2, 4, 1, 2.0) == pytest.approx(1e-3)
-    assert pipeline_bubble_s(2e-3, 0.0, 2, 1, 1, 2.0) == pytest.approx(0.0)
+    # 4 balanced stages of 2 ms: the 3 others' 6 ms; with vpp 2: 3 ms; no pipeline: nothing
+    assert pipeline_bubble_s(6e-3, 4, 1) == pytest.approx(6e-3)
+    assert pipeline_bubble_s(6e-3, 4, 2) == pytest.approx(3e-3)
+    assert pipeline_bubble_s(0.0, 1, 1) == pytest.approx(0.0)
 
 
 def test_the_calibrated_worlds_say_how_many_ranks_share_a_core():

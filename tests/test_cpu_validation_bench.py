@@ -93,3 +93,17 @@ def test_repredict_keeps_the_measurement_and_predicts_again(bench, tmp_path, cap
     assert again[0]["error_rel"] == pytest.approx(want / 0.010 - 1)
     assert again[1] == rows[1]
     assert "1 points (1 failed)" in capsys.readouterr().out
+
+
+def test_repredict_with_the_rounds_profiles_predicts_each_run_with_its_own(bench, monkeypatch,
+                                                                            tmp_path):
+    point = {"model": "m", "overrides": {}, "plan": "dp=2", "world": 2}
+    rows = [{**point, "measured_s": 0.010, "run_medians_s": [0.009, 0.010, 0.011]}]
+    # round N's profile predicts N x 4 ms
+    monkeypatch.setattr(bench, "predict", lambda p, profile: {
+        "predicted_s": 0.004 * int(Path(profile).stem.split("-")[1]), "breakdown_s": {}})
+    row = bench.repredict(rows, str(tmp_path))[0]
+    assert row["run_predictions_s"] == [0.004, 0.008, 0.012]
+    assert row["predicted_s"] == 0.008 and row["error_rel"] == pytest.approx(-0.2)
+    with pytest.raises(SystemExit):
+        bench.main(["--profiles", str(tmp_path)])  # only with --repredict

@@ -42,20 +42,22 @@ so GPU predictions do not depend on them; a calibrated chip carries measured val
   and moves `optimizer_bytes_per_param` per parameter where measured (an unfused update);
 - only `comm_overlap` of a collective hides behind concurrent compute (DP reduction behind
   the last backward, FSDP gathers behind the previous unit);
-- on a host whose ranks share cores (`rank_contention` ranks per core, measured with every
-  rank busy), a pipeline stage that runs while others wait runs faster, and the pipeline
-  bubble is what the cores cannot absorb (`pipeline_bubble_s`).
+- on a host whose ranks share cores (`rank_contention` ranks per core, stage times measured
+  with every rank busy), the pipeline is its schedule run as a fluid model
+  (`pipeline.shared_core_pipeline_s`): a stage that runs while others wait runs faster, and
+  the bubble (the span minus m x T_mb) is negative where a heavy stage mostly runs alone.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..hardware import Cluster
-from ..plan import Plan
+from ..plan import SCHEDULES, Plan
 from . import comm
 from .efficiency import efficiency_for
 from .measured import measured_kernels, spread_model_passes
 from .memory import memory_per_stage
+from .pipeline import shared_core_pipeline_s
 from .plans import DTYPE_BYTES, CostOptions, PlanArrays
 from .profile import GraphProfile, _row
 from .volumes import (RECOMPUTE_FULL, RECOMPUTE_SELECTIVE, group_of, layer_collectives, p2p_bytes,
@@ -279,6 +281,8 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
     _, row_tensors, row_tp_tensors = layer_facts(prof)
     pre_params, post_params = counts[0] @ p_sig, counts[-1] @ p_sig  # FSDP roots: N each
     groups = {}
+    shared_cores = efficiency_for(cluster.chip).rank_contention > 1
+    stage_passes = {}  # (pp, vpp) -> (plan indices, forward share, seconds) per stage
     for (pp, vpp) in {(int(a), int(b)) for a, b in zip(plans.pp, plans.vpp)}:
         idx = np.nonzero((plans.pp == pp) & (plans.vpp == vpp))[0]
         a = prof.stage_matrix(pp, vpp)
@@ -293,6 +297,10 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
         if opt.overlap_cp:  # hidden behind the stage's attention
             parts["cp_comm_s"] = np.maximum(0.0, parts["cp_comm_s"] - sc @ cols(attention_sig))
         total = sum(parts.values()) + pp_mb[idx]
+        if shared_cores and pp > 1:  # each stage's forward and backward, for the fluid model
+            fwd, bwd = sc @ cols(t_f), sc @ cols(t_b) + parts["recompute_s"]
+            fwd_part = np.where(fwd + bwd > 0, fwd / np.maximum(fwd + bwd, 1e-300), 0.5)
+            stage_passes[(pp, vpp)] = (idx, fwd_part, total - pp_mb[idx])
         worst = total.argmax(axis=0)
         pick = lambda x: x[worst, np.arange(len(idx))]        # noqa: E731
         for k, v in parts.items():
@@ -317,8 +325,17 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
     _data_parallel(out, plans, cluster, opt, records, elem)
     out["stage_time_mb_s"] += out["fsdp_exposed_s"]
     out["others_mb_s"] += out["fsdp_exposed_s"] * (plans.pp - 1)
-    out["bubble_s"] = pipeline_bubble_s(out["stage_time_mb_s"], out["others_mb_s"], m, plans.pp,
-                                        plans.vpp, eff.rank_contention)
+    out["bubble_s"] = pipeline_bubble_s(out["others_mb_s"], plans.pp, plans.vpp)
+    for idx, fwd_part, stage_s in stage_passes.values():  # ranks share cores: run the schedule
+        stage_s = stage_s + out["fsdp_exposed_s"][idx]
+        action_s = plans.vpp[idx] * (eff.pp_action_s + t_p2p[idx])  # a pass's sends, receives
+        for j, i in enumerate(idx):
+            fwd = fwd_part[:, j] * stage_s[:, j] + action_s[j]
+            bwd = (1 - fwd_part[:, j]) * stage_s[:, j] + action_s[j]
+            span = shared_core_pipeline_s(fwd, bwd, int(m[i]), int(plans.vpp[i]),
+                                          SCHEDULES[int(plans.schedule[i])],
+                                          eff.rank_contention)
+            out["bubble_s"][i] = span - out["stage_time_mb_s"][i] * m[i]
     out["microbatch_time_s"] = out["stage_time_mb_s"] * m
     out["step_time_s"] = (out["microbatch_time_s"] + out["bubble_s"] + out["dp_exposed_s"]
                           + out["zero_gather_s"] + out["optimizer_s"])
@@ -328,22 +345,16 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
     return out
 
 
-def pipeline_bubble_s(stage_mb_s, others_mb_s, microbatches, pp, vpp, rank_contention=1.0):
-    """Seconds the pipeline adds to the slowest stage's `microbatches` x `stage_mb_s`.
+def pipeline_bubble_s(others_mb_s, pp, vpp):
+    """Seconds the pipeline adds to the slowest stage's microbatches when every rank has its
+    own core or chip; `others_mb_s`: the other stages' seconds per microbatch.
 
     In a 1F1B schedule the slowest stage waits, once per model chunk, for the other stages'
     forward and backward of one microbatch (their fill and drain): the bubble is the sum of
     the other stages' per-microbatch times over vpp, (pp - 1) / vpp x T when the stages are
-    balanced (Narayanan et al. 2021). On a host whose ranks share cores (`rank_contention`
-    c > 1 ranks per core, stage times measured with every rank busy), a stage that runs while
-    others wait runs up to c times faster, and the cores are the limit: the schedule takes
-    max((m x T + others / vpp) / c, m x (T + others) / pp), the second the stages' work
-    spread over the cores; the bubble is what that adds to m x T (never below 0)."""
-    pp, vpp = np.asarray(pp), np.asarray(vpp)
-    work = stage_mb_s * microbatches
-    critical = (work + others_mb_s / vpp) / rank_contention
-    cores = np.where(rank_contention > 1, microbatches * (stage_mb_s + others_mb_s) / pp, 0.0)
-    return np.where(pp > 1, np.maximum(0.0, np.maximum(critical, cores) - work), 0.0)
+    balanced (Narayanan et al. 2021). Ranks that share cores run the schedule instead
+    (`pipeline.shared_core_pipeline_s`)."""
+    return np.where(np.asarray(pp) > 1, others_mb_s / np.asarray(vpp), 0.0)
 
 
 def _record_per_op(records, name, kind, group, n, stride, size_sig, passes_sig, counts, prof,

@@ -1,0 +1,72 @@
+"""A pipeline step on ranks that share cores: the schedule run as a fluid model.
+
+On a GPU every pipeline rank has its own chip, and the step is the slowest stage's
+microbatches plus the bubble (`engine.pipeline_bubble_s`, Narayanan et al. 2021). On a host
+with fewer cores than ranks (`rank_contention` c > 1 ranks per core) a stage's time depends
+on how many other ranks are busy at that moment: its per-microbatch times are measured with
+every rank busy, so alone on a core it runs c times faster. Stages of unequal size leave
+the largest one running alone much of the step (an FCN's first stage holds most of its
+FLOPs), which neither bound of the closed form captures.
+
+`shared_core_pipeline_s` runs the schedule's exact order of forwards and backwards per
+stage (`simulator.schedules`, the one schedule definition) with processor sharing: the
+busy ranks of a pipeline share its pp / c cores equally, none faster than one core, and an
+op starts once the ops it depends on have finished. A rank waiting on a receive uses no
+core (measured: one rank computing while 3 wait in a gloo receive or barrier ran at its
+alone speed, 20.5 ms against 20.7 ms alone and 46 ms with all 4 computing, 2 cores). The
+sends and receives are work of the ranks at both ends (gloo over loopback copies through
+the kernel), as in the closed form. Replicas of the pipeline (DP, FSDP, TP, CP ranks) run
+the same schedule at the same time, so each pipeline has pp / c of the host's cores.
+"""
+from __future__ import annotations
+
+import math
+
+
+def shared_core_pipeline_s(fwd_s, bwd_s, m: int, vpp: int, schedule: str,
+                           rank_contention: float) -> float:
+    """Seconds from the first forward to the last backward of one step's pipeline.
+
+    `fwd_s[s]`, `bwd_s[s]`: seconds of one microbatch's forward and backward through all of
+    stage s's model chunks with every rank busy, its sends and receives included (each
+    chunk takes 1 / vpp of them); `rank_contention`: ranks per core (c). A rank alone on a
+    core runs c times faster than with every rank busy; a rank that waits uses no core."""
+    # imported here: the simulator package imports the cost model
+    from ..simulator.schedules import dependencies, stage_order
+    pp = len(fwd_s)
+    if len(bwd_s) != pp:
+        raise ValueError(f"bwd_s has {len(bwd_s)} stages, fwd_s {pp}")
+    if rank_contention < 1:
+        raise ValueError(f"rank_contention must be >= 1, got {rank_contention}")
+    cores = pp / rank_contention
+    orders = [stage_order(schedule, s, pp, vpp, m) for s in range(pp)]
+    work = [{"F": f / vpp / rank_contention, "B": b / vpp / rank_contention}
+            for f, b in zip(fwd_s, bwd_s)]  # alone-on-a-core seconds per op
+    done: dict[tuple, float] = {}  # (stage, op) -> when it finished
+    nxt = [0] * pp                      # index of each stage's next op
+    left = [math.nan] * pp              # alone seconds left of the running op (nan: idle)
+    now = 0.0
+    while True:
+        for s in range(pp):             # start every op whose inputs have arrived
+            if not math.isnan(left[s]) or nxt[s] == len(orders[s]):
+                continue
+            op = orders[s][nxt[s]]
+            deps = dependencies(op, s, pp, vpp)
+            if any(d not in done for d in deps):
+                continue
+            left[s] = work[s][op.kind]
+        busy = [s for s in range(pp) if not math.isnan(left[s])]
+        if not busy:
+            break
+        rate = min(1.0, cores / len(busy))
+        dt = min(left[s] for s in busy) / rate
+        now += dt
+        for s in busy:
+            left[s] -= dt * rate
+            if left[s] <= 1e-15:
+                done[(s, orders[s][nxt[s]])] = now
+                nxt[s] += 1
+                left[s] = math.nan
+    if any(n != len(o) for n, o in zip(nxt, orders)):
+        raise RuntimeError("pipeline schedule deadlocked")  # a bug in the schedule tables
+    return now
