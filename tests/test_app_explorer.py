@@ -342,3 +342,15 @@ def test_timeline_renders_and_best_plans_load_into_the_page(browser):
     _until(driver, lambda d: d.find_element(By.ID, "explorer-plan").get_attribute("value") == best)
     assert time.monotonic() - start < 30
     _until(driver, lambda d: best in parse_qs(urlparse(d.current_url).query)["plan"])
+
+
+def test_a_pipeline_on_shared_cores_draws_its_negative_bubble_leftwards():
+    # FCN at pp=4 on the 4-rank CPU profile: its big first stage mostly runs alone on a core
+    est = costmodel.estimate(costmodel.graph("fcn-tiny"), "pp=4,mb=2,dtype=fp32",
+                             hardware.load_cpu_cluster(4))
+    parts = view.breakdown_parts(est)
+    assert parts["pipeline bubble"][0] < 0 and "shared cores" in parts["pipeline bubble"][1]
+    assert sum(s for s, _ in parts.values()) == pytest.approx(est.step_time_s, rel=1e-12)
+    fig = view.breakdown_figure(est)
+    assert fig.layout.barmode == "relative"
+    assert sum(t.x[0] for t in fig.data) == pytest.approx(est.step_time_s, rel=1e-12)

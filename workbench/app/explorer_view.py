@@ -330,21 +330,27 @@ def breakdown_parts(est: Estimate, levels: tuple[str, ...] = ()) -> dict[str, tu
             what.setdefault(level, []).append(f"{name} {format_seconds(part_s * w / total)}")
     for level, s in comm_s.items():
         seconds[f"comm: {level}"] = s
-    seconds["pipeline bubble"] = est.breakdown_s["bubble_s"]
+    bubble_s = est.breakdown_s["bubble_s"]
+    if bubble_s < 0:  # ranks that share cores: a stage alone on a core beats its busy time
+        what["pipeline bubble"] = ["below 0: stages ran alone on shared cores, faster than "
+                                   "with every rank busy"]
+    seconds["pipeline bubble"] = bubble_s
     seconds["optimizer"] = est.breakdown_s["optimizer_s"]
     return {label: (s, ", ".join(what.get(label.removeprefix("comm: "), [])))
             for label, s in seconds.items()}
 
 
 def breakdown_figure(est: Estimate, levels: tuple[str, ...] = ()) -> go.Figure:
-    """One stacked bar of the step time by part (`breakdown_parts`; empty parts left out)."""
+    """One stacked bar of the step time by part (`breakdown_parts`; empty parts left out, a
+    negative pipeline bubble of ranks sharing cores drawn leftwards, so the bar ends at the
+    step time)."""
     fig = go.Figure()
     colours = {"compute": CATEGORY_COLOURS["compute"], "recompute": "#9ECAE9",
                "pipeline bubble": CATEGORY_COLOURS["wait"],
                "optimizer": CATEGORY_COLOURS["optimizer"]}
     comm_i = 0
     for label, (s, detail) in breakdown_parts(est, levels).items():
-        if s <= 0:
+        if s == 0 or (s < 0 and label != "pipeline bubble"):
             continue
         colour = colours.get(label)
         if colour is None:
@@ -352,7 +358,7 @@ def breakdown_figure(est: Estimate, levels: tuple[str, ...] = ()) -> go.Figure:
         hover = f"{label}: %{{x:.4f}} s" + (f"<br>{detail}" if detail else "")
         fig.add_trace(go.Bar(y=["cost model"], x=[s], name=label, orientation="h",
                              marker_color=colour, hovertemplate=hover + "<extra></extra>"))
-    fig.update_layout(barmode="stack", template="plotly_white", height=FIGURE_HEIGHT_PX,
+    fig.update_layout(barmode="relative", template="plotly_white", height=FIGURE_HEIGHT_PX,
                       title=f"Step time: {format_seconds(est.step_time_s)} "
                             f"({est.n_chips:,} chips, {est.cluster})",
                       xaxis={"title": {"text": "time per step (s)"}},
