@@ -281,7 +281,7 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
     _, row_tensors, row_tp_tensors = layer_facts(prof)
     pre_params, post_params = counts[0] @ p_sig, counts[-1] @ p_sig  # FSDP roots: N each
     groups = {}
-    shared_cores = efficiency_for(cluster.chip).rank_contention > 1
+    shared_cores = eff.rank_contention > 1
     stage_passes = {}  # (pp, vpp) -> (plan indices, forward share, seconds) per stage
     for (pp, vpp) in {(int(a), int(b)) for a, b in zip(plans.pp, plans.vpp)}:
         idx = np.nonzero((plans.pp == pp) & (plans.vpp == vpp))[0]

@@ -5,8 +5,8 @@ microbatches plus the bubble (`engine.pipeline_bubble_s`, Narayanan et al. 2021)
 with fewer cores than ranks (`rank_contention` c > 1 ranks per core) a stage's time depends
 on how many other ranks are busy at that moment: its per-microbatch times are measured with
 every rank busy, so alone on a core it runs c times faster. Stages of unequal size leave
-the largest one running alone much of the step (an FCN's first stage holds most of its
-FLOPs), which neither bound of the closed form captures.
+the largest one running alone much of the step (an FCN's first stage holds half its
+time), which no closed form over the bottleneck stage and the others' sum captures.
 
 `shared_core_pipeline_s` runs the schedule's exact order of forwards and backwards per
 stage (`simulator.schedules`, the one schedule definition) with processor sharing: the
