@@ -322,6 +322,28 @@ def test_fsdp_fixed_costs_are_charged_per_gathered_tensor_microbatch_and_step():
     assert step_s(dp, **some) == pytest.approx(step_s(dp, **none))
 
 
+def test_ddp_fixed_costs_are_charged_per_microbatch_per_tensor_and_step():
+    from efficiency_support import with_efficiency
+    from workbench.costmodel.engine import layer_facts
+    from workbench.costmodel.estimator import cached_profile
+    cl = hardware.load_cpu_cluster(2)
+    graph = costmodel.graph("llama-tiny")
+
+    def step_s(plan, **figures):
+        return costmodel.estimate(graph, plan, with_efficiency(cl, **figures)).step_time_s
+    none = dict(ddp_microbatch_s=0.0, ddp_tensor_s=0.0, ddp_step_s=0.0)
+    some = dict(ddp_microbatch_s=1e-3, ddp_tensor_s=1e-5, ddp_step_s=3e-3)
+    dp = "dp=2,mb=2,gbs=8,dtype=fp32"  # 2 microbatches per rank, one stage
+    tensors = layer_facts(cached_profile(graph))[1].sum()  # every parameter tensor, once
+    assert tensors > 0
+    # 2 microbatches x 1 ms + tensors x 10 us once per step (the synchronising microbatch's
+    # hooks: measured the same at 1 and 2 microbatches) + 3 ms per step
+    assert step_s(dp, **some) == pytest.approx(step_s(dp, **none)
+                                               + 2 * 1e-3 + tensors * 1e-5 + 3e-3)
+    fsdp = "fsdp=2,mb=2,gbs=8,dtype=fp32"  # sharded: no DDP costs
+    assert step_s(fsdp, **some) == pytest.approx(step_s(fsdp, **none))
+
+
 def test_tp_collective_cost_is_charged_per_tp_collective_call():
     from efficiency_support import with_efficiency
     cl = hardware.load_cpu_cluster(2)

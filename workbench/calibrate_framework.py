@@ -136,21 +136,30 @@ def measure_fsdp(settings: Settings) -> dict:
             "unit_bytes": (UNIT_WIDTH * UNIT_WIDTH + UNIT_WIDTH) * 4}
 
 
+DDP_SHAPES = ((1, 1), (8, 1), (4, 4), (8, 8), (16, 8))
+"""(units, layers per unit) of `measure_ddp`'s models: 4, 18, 34, 130 and 258 parameter
+tensors. Spread that wide so the per-tensor cost is not lost in the host's noise: over 6, 12
+and 18 tensors (the fit up to 2026-12-04) the same host fitted 0, 22, 66 and 76 us per tensor
+in four calibrations; over this spread, 4-8 us at world 2 and 19-21 us at world 4 in every
+repeat, the same slope at 1 and 2 microbatches (so the cost is per step, on the microbatch
+that synchronises, not per microbatch)."""
+
+
 def measure_ddp(settings: Settings) -> dict:
-    """DDP's seconds beyond the plain model, fitted (>= 0) over 2, 5 and 8 units at 1 and 2
-    microbatches: per microbatch (`microbatch_s`), per parameter tensor and microbatch
-    (`tensor_s`, the autograd hooks) and per step (`step_s`, with the one bucket's
-    all-reduce of `bytes_per_unit` x units + the root in it)."""
+    """DDP's seconds beyond the plain model, fitted (>= 0) over `DDP_SHAPES` at 1 and 2
+    microbatches: per microbatch (`microbatch_s`), per parameter tensor and step (`tensor_s`,
+    the gradient-ready hooks and bucket work of the microbatch that synchronises) and per
+    step (`step_s`, with the one bucket's all-reduce of the smallest model's `bytes` in it)."""
     rows, ys = [], []
     for micro in (1, 2):
-        for units in (2, 5, 8):
-            extra = _dp_extra_s(units, micro, "ddp", settings)
-            tensors = 2 * (units + 1)
-            rows.append([micro, micro * tensors, 1.0])
+        for units, layers in DDP_SHAPES:
+            extra = _dp_extra_s(units, micro, "ddp", settings, layers)
+            rows.append([micro, 2 * (units * layers + 1), 1.0])  # weight + bias per Linear
             ys.append(extra)
     micro_s, tensor_s, step_s = nnls(rows, ys)
+    smallest = min(units * layers for units, layers in DDP_SHAPES) + 1
     return {"microbatch_s": float(micro_s), "tensor_s": float(tensor_s), "step_s": float(step_s),
-            "bytes_per_unit": (16 * 16 + 16) * 4}
+            "bytes": smallest * (UNIT_WIDTH * UNIT_WIDTH + UNIT_WIDTH) * 4}
 
 
 def measure_tp(settings: Settings) -> dict:
@@ -213,35 +222,52 @@ def measure_tp(settings: Settings) -> dict:
             "allreduce_bytes": 8 * 16 * 4}
 
 
+PP_FITS = 3
+"""Least-squares slopes `measure_pp` takes (the median is kept)."""
+
+
 def measure_pp(settings: Settings) -> dict:
-    """Per-microbatch seconds of a GPipe pipeline over all ranks (one Linear(16, 16) stage
-    each, microbatches of 2 rows): the slope between 2 and 6 microbatches, beside one
-    stage's own forward + backward (`stage_s`) and the message bytes."""
+    """Per-microbatch seconds of a 1F1B pipeline (the runner's default schedule) over all
+    ranks, one Linear(16, 16) stage each, microbatches of 2 rows: the median of `PP_FITS`
+    least-squares slopes over 5 microbatch counts from the world size up (1F1B needs at least
+    as many microbatches as stages), beside one stage's own forward + backward (`stage_s`)
+    and the message bytes. Measured on the schedule the runner runs: GPipe's stream of
+    unpaired asynchronous sends cost 1.0-1.2 ms per microbatch at world 2 on the 2-core host
+    against 0.3-0.8 ms for 1F1B, whose sends pair with receives, and the 2-to-6 GPipe slope
+    the calibration took before 2026-12-04 gave 0.19-0.52 ms per action in six calibrations
+    where the study's 1F1B pipelines of 2 stages wanted about 0.1 ms."""
+    import statistics
+    import numpy as np
     import torch
     import torch.distributed as dist
-    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
     from .calibrate import _linear
     dev, world, rank = settings.device, dist.get_world_size(), dist.get_rank()
-    times = {}
-    for micro in (2, 6):
-        torch.manual_seed(0)
-        stage = PipelineStage(torch.nn.Linear(16, 16, device=dev), rank, world,
-                              torch.device(dev))
-        sched = ScheduleGPipe(stage, n_microbatches=micro,
-                              loss_fn=lambda out, target: out.pow(2).mean())
-        x = torch.randn(2 * micro, 16, device=dev)
-        target = torch.zeros(2 * micro, 16, device=dev)
+    counts = [world + 2 * i for i in range(5)]
+    inner, reps = (2, 3) if settings.quick else (8, max(3, settings.repeats))
+    slopes = []
+    for _ in range(1 if settings.quick else PP_FITS):
+        times = []
+        for micro in counts:
+            torch.manual_seed(0)
+            stage = PipelineStage(torch.nn.Linear(16, 16, device=dev), rank, world,
+                                  torch.device(dev))
+            sched = Schedule1F1B(stage, n_microbatches=micro,
+                                 loss_fn=lambda out, target: out.pow(2).mean())
+            x = torch.randn(2 * micro, 16, device=dev)
+            target = torch.zeros(2 * micro, 16, device=dev)
 
-        def step():
-            if rank == 0:
-                sched.step(x)
-            elif rank == world - 1:
-                sched.step(target=target, losses=[])
-            else:
-                sched.step()
-        times[micro] = _timed(step, dev, 3 if settings.quick else 8, max(3, settings.repeats))
+            def step():
+                if rank == 0:
+                    sched.step(x)
+                elif rank == world - 1:
+                    sched.step(target=target, losses=[])
+                else:
+                    sched.step()
+            times.append(_timed(step, dev, inner, reps))
+        slopes.append(float(np.polyfit(counts, times, 1)[0]))
     f, b = chain_times(_linear((2, 16), dev)[0], settings)
-    return {"per_microbatch_s": (times[6] - times[2]) / 4, "stage_s": f + b,
+    return {"per_microbatch_s": statistics.median(slopes), "stage_s": f + b,
             "message_bytes": 2 * 16 * 4}
 
 

@@ -101,7 +101,8 @@ class ChipEfficiency:
     ddp_microbatch_s: float = 0.0
     """Fixed seconds of DDP per microbatch (forward hooks, backward preparation)."""
     ddp_tensor_s: float = 0.0
-    """DDP seconds per parameter tensor and microbatch (gradient-ready hooks)."""
+    """DDP seconds per parameter tensor and step (gradient-ready hooks and bucket work of the
+    microbatch that synchronises; measured the same at 1 and 2 microbatches)."""
     ddp_step_s: float = 0.0
     """Fixed seconds of DDP per step beyond its modelled bucket all-reduces."""
     fsdp_gather_s: float = 0.0

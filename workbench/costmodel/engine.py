@@ -28,8 +28,8 @@ so GPU predictions do not depend on them; a calibrated chip carries measured val
   meeting after compute);
 - ring attention pays `cp_step_s` per K/V block step, (cp - 1) steps per pass;
 - every collective call pays `collective_call_s` on top of the link latency;
-- DDP pays `ddp_microbatch_s` per microbatch, `ddp_tensor_s` per parameter tensor and
-  microbatch (gradient hooks) and `ddp_step_s` per step, exposed;
+- DDP pays `ddp_microbatch_s` per microbatch, `ddp_tensor_s` per parameter tensor and step
+  (gradient hooks of the microbatch that synchronises) and `ddp_step_s` per step, exposed;
 - each FSDP unit all-gather pays `fsdp_gather_s` plus `fsdp_tensor_s` per parameter tensor
   it gathers, each unit gradient reduction `fsdp_reduce_s` (copy-in/out, hooks;
   `fsdp_reduce_s` includes the call's latency, which the one modelled reduce-scatter of the
@@ -409,8 +409,8 @@ def _data_parallel(out, plans, cluster, opt, records, elem):
             + rs_calls * eff.fsdp_reduce_s
     reduce_s = np.where(plain, t_ar, t_rs + np.where(hsdp, t_hsdp, 0.0))
     m = plans.microbatches
-    ddp = plain & (n_dp > 1)  # DDP's own costs: hooks per microbatch and tensor, per step
-    ddp_s = np.where(ddp, m * (eff.ddp_microbatch_s + out["stage_tensors"] * eff.ddp_tensor_s)
+    ddp = plain & (n_dp > 1)  # DDP's own costs: per microbatch, per tensor and step, per step
+    ddp_s = np.where(ddp, m * eff.ddp_microbatch_s + out["stage_tensors"] * eff.ddp_tensor_s
                      + eff.ddp_step_s, 0.0)
     if opt.overlap_dp:
         last_bucket = reduce_s * np.minimum(1.0, opt.bucket_bytes / np.maximum(grads, 1.0))
