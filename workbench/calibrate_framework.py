@@ -222,21 +222,16 @@ def measure_tp(settings: Settings) -> dict:
             "allreduce_bytes": 8 * 16 * 4}
 
 
-PP_FITS = 3
-"""Least-squares slopes `measure_pp` takes (the median is kept)."""
-
-
 def measure_pp(settings: Settings) -> dict:
     """Per-microbatch seconds of a 1F1B pipeline (the runner's default schedule) over all
-    ranks, one Linear(16, 16) stage each, microbatches of 2 rows: the median of `PP_FITS`
-    least-squares slopes over 5 microbatch counts from the world size up (1F1B needs at least
-    as many microbatches as stages), beside one stage's own forward + backward (`stage_s`)
-    and the message bytes. Measured on the schedule the runner runs: GPipe's stream of
+    ranks, one Linear(16, 16) stage each, microbatches of 2 rows: the least-squares slope over
+    5 microbatch counts from the world size up (1F1B needs at least as many microbatches as
+    stages), beside one stage's own forward + backward (`stage_s`) and the message bytes.
+    Measured on the schedule the runner runs: GPipe's stream of
     unpaired asynchronous sends cost 1.0-1.2 ms per microbatch at world 2 on the 2-core host
     against 0.3-0.8 ms for 1F1B, whose sends pair with receives, and the 2-to-6 GPipe slope
     the calibration took before 2026-12-04 gave 0.19-0.52 ms per action in six calibrations
     where the study's 1F1B pipelines of 2 stages wanted about 0.1 ms."""
-    import statistics
     import numpy as np
     import torch
     import torch.distributed as dist
@@ -245,29 +240,26 @@ def measure_pp(settings: Settings) -> dict:
     dev, world, rank = settings.device, dist.get_world_size(), dist.get_rank()
     counts = [world + 2 * i for i in range(5)]
     inner, reps = (2, 3) if settings.quick else (8, max(3, settings.repeats))
-    slopes = []
-    for _ in range(1 if settings.quick else PP_FITS):
-        times = []
-        for micro in counts:
-            torch.manual_seed(0)
-            stage = PipelineStage(torch.nn.Linear(16, 16, device=dev), rank, world,
-                                  torch.device(dev))
-            sched = Schedule1F1B(stage, n_microbatches=micro,
-                                 loss_fn=lambda out, target: out.pow(2).mean())
-            x = torch.randn(2 * micro, 16, device=dev)
-            target = torch.zeros(2 * micro, 16, device=dev)
+    times = []
+    for micro in counts:
+        torch.manual_seed(0)
+        stage = PipelineStage(torch.nn.Linear(16, 16, device=dev), rank, world,
+                              torch.device(dev))
+        sched = Schedule1F1B(stage, n_microbatches=micro,
+                             loss_fn=lambda out, target: out.pow(2).mean())
+        x = torch.randn(2 * micro, 16, device=dev)
+        target = torch.zeros(2 * micro, 16, device=dev)
 
-            def step():
-                if rank == 0:
-                    sched.step(x)
-                elif rank == world - 1:
-                    sched.step(target=target, losses=[])
-                else:
-                    sched.step()
-            times.append(_timed(step, dev, inner, reps))
-        slopes.append(float(np.polyfit(counts, times, 1)[0]))
+        def step():
+            if rank == 0:
+                sched.step(x)
+            elif rank == world - 1:
+                sched.step(target=target, losses=[])
+            else:
+                sched.step()
+        times.append(_timed(step, dev, inner, reps))
     f, b = chain_times(_linear((2, 16), dev)[0], settings)
-    return {"per_microbatch_s": statistics.median(slopes), "stage_s": f + b,
+    return {"per_microbatch_s": float(np.polyfit(counts, times, 1)[0]), "stage_s": f + b,
             "message_bytes": 2 * 16 * 4}
 
 
