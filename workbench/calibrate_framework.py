@@ -140,9 +140,9 @@ DDP_SHAPES = ((1, 1), (8, 1), (4, 4), (8, 8), (16, 8))
 """(units, layers per unit) of `measure_ddp`'s models: 4, 18, 34, 130 and 258 parameter
 tensors. Spread that wide so the per-tensor cost is not lost in the host's noise: over 6, 12
 and 18 tensors (the fit up to 2026-12-04) the same host fitted 0, 22, 66 and 76 us per tensor
-in four calibrations; over this spread, 4-8 us at world 2 and 19-21 us at world 4 in every
-repeat, the same slope at 1 and 2 microbatches (so the cost is per step, on the microbatch
-that synchronises, not per microbatch)."""
+in four calibrations; over this spread, slopes of 5.7-8.1 us at world 2 and 19-21 us at
+world 4, the same at 1 and 2 microbatches (so the cost is per step, on the microbatch that
+synchronises, not per microbatch)."""
 
 
 def measure_ddp(settings: Settings) -> dict:
