@@ -320,6 +320,46 @@ def test_fsdp_fixed_costs_are_charged_per_gathered_tensor_microbatch_and_step():
                                                  + 2 * (gathered * 1e-5 + 1e-3) + 3e-3)
     dp = "dp=2,mb=2,gbs=8,dtype=fp32"  # not sharded: no FSDP costs
     assert step_s(dp, **some) == pytest.approx(step_s(dp, **none))
+    # per byte gathered: the root's weights once and every unit's twice per microbatch (fp32)
+    from workbench.costmodel.engine import _row
+    in_root = [_row(layer.unit, graph.units) in (0, graph.units + 1) for layer in graph.layers]
+    total = sum(layer.params for layer in graph.layers)
+    root = sum(layer.params for layer, r in zip(graph.layers, in_root) if r)
+    assert 0 < root < total
+    gathered_bytes = (root + 2 * (total - root)) * 4
+    # 2 microbatches x gathered bytes x 1 ns
+    assert step_s(fsdp, fsdp_byte_s=1e-9) == pytest.approx(step_s(fsdp, fsdp_byte_s=0.0)
+                                                           + 2 * gathered_bytes * 1e-9)
+
+
+def test_fsdp_fit_recovers_its_terms_beyond_the_modelled_collectives():
+    from workbench.calibrate_framework import fsdp_fit
+
+    def t(kind, size):  # a made-up collective model: latency + bytes / bandwidth
+        return {"all_gather": 1e-4 + size * 1e-9, "reduce_scatter": 2e-4 + size * 2e-9}[kind]
+    truth = dict(gather_s=1e-3, tensor_s=1e-5, reduce_s=2e-3, microbatch_s=5e-4, step_s=3e-3,
+                 byte_s=2e-9)
+    raw = {"rows": [], "extra_s": [], "layer_bytes": [], "layers": []}
+    for micro in (1, 2):
+        for width, units, layers in ((16, 2, 1), (16, 8, 4), (16, 2, 4), (256, 2, 1),
+                                     (256, 8, 1), (16, 8, 1)):
+            b = (width * width + width) * 4
+            row = [micro * (2 * units + 1), 2 * micro * (2 * units * layers + 1), units + 1,
+                   micro, 1.0]
+            gathered = micro * (1 + 2 * units * layers) * b
+            # each gather whole, each reduction's bandwidth part (one latency: the engine's)
+            modelled = (micro * (t("all_gather", b) + 2 * units * t("all_gather", layers * b))
+                        + units * (t("reduce_scatter", layers * b) - t("reduce_scatter", 0))
+                        + t("reduce_scatter", b) - t("reduce_scatter", 0))
+            framework = (row[0] * truth["gather_s"] + row[1] * truth["tensor_s"]
+                         + row[2] * truth["reduce_s"] + micro * truth["microbatch_s"]
+                         + truth["step_s"] + gathered * truth["byte_s"])
+            raw["rows"].append(row)
+            raw["extra_s"].append(modelled + framework)
+            raw["layer_bytes"].append(b)
+            raw["layers"].append(layers)
+    fit = fsdp_fit(raw, t)
+    assert fit == pytest.approx(truth, rel=1e-6)
 
 
 def test_ddp_fixed_costs_are_charged_per_microbatch_per_tensor_and_step():

@@ -318,16 +318,14 @@ def world_profile(m: dict, ranks: int, settings: Settings, stamp: str) -> dict:
     if ranks > 1:
         fit = fit_collectives(m["collectives"], ranks)
         t = _comm_model(fit, ranks)
-        bw_part = lambda kind, size: t(kind, size) - t(kind, 0.0)  # noqa: E731
-        fsdp, tp, pp, cp = m["fsdp"], m["tp"], m["pp"], m["cp"]
+        from .calibrate_framework import fsdp_fit
+        fsdp, tp, pp, cp = fsdp_fit(m["fsdp"], t), m["tp"], m["pp"], m["cp"]
         eff.update(
             optimizer_dtensor_s=max(0.0, m["optimizer_dtensor_s"]),
             collective_call_s=fit["call_s"], comm_overlap=m["overlap"],
-            fsdp_gather_s=max(0.0, fsdp["gather_s"] - t("all_gather", fsdp["unit_bytes"])),
-            fsdp_reduce_s=max(0.0, fsdp["reduce_s"]
-                              - bw_part("reduce_scatter", fsdp["unit_bytes"])),
+            fsdp_gather_s=fsdp["gather_s"], fsdp_reduce_s=fsdp["reduce_s"],
             fsdp_tensor_s=fsdp["tensor_s"], fsdp_microbatch_s=fsdp["microbatch_s"],
-            fsdp_step_s=fsdp["step_s"],
+            fsdp_step_s=fsdp["step_s"], fsdp_byte_s=fsdp["byte_s"],
             ddp_microbatch_s=m["ddp"]["microbatch_s"], ddp_tensor_s=m["ddp"]["tensor_s"],
             ddp_step_s=max(0.0, m["ddp"]["step_s"]
                            - t("all_reduce", m["ddp"]["bytes"])),

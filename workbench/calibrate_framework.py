@@ -23,16 +23,18 @@ def _paired(a, b, device: str, inner: int, repeats: int) -> float:
 
 
 def _dp_extra_s(units: int, micro: int, mode: str, settings: Settings,
-                layers: int = 1) -> float:
+                layers: int = 1, width: int = 0) -> float:
     """Seconds a step of `mode` takes beyond the same step `plain` (`_paired`)."""
-    step, plain = (_dp_step(units, micro, m, settings, layers) for m in (mode, "plain"))
+    step, plain = (_dp_step(units, micro, m, settings, layers, width)
+                   for m in (mode, "plain"))
     return _paired(step, plain, settings.device, 3 if settings.quick else 8,
                    max(5, settings.repeats))
 
 
-def _dp_step(units: int, micro: int, mode: str, settings: Settings, layers: int = 1):
+def _dp_step(units: int, micro: int, mode: str, settings: Settings, layers: int = 1,
+             width: int = 0):
     """A step: forward + backward of `micro` microbatches through `units` units of `layers`
-    Linear(16, 16) each and a `compute_pad`, plus a root Linear, then a longer pad: `plain`,
+    Linear(width, width) each (0: `UNIT_WIDTH`) and a `compute_pad`, plus a root Linear, then a longer pad: `plain`,
     `fsdp` (FSDP2 per unit and root, gradients reduced on the last microbatch only, as the
     runner does) or `ddp` (DDP with bucket-view gradients, no_sync but on the last
     microbatch, as the runner does)."""
@@ -41,7 +43,7 @@ def _dp_step(units: int, micro: int, mode: str, settings: Settings, layers: int 
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    dev, d = settings.device, UNIT_WIDTH
+    dev, d = settings.device, width or UNIT_WIDTH
     torch.manual_seed(0)
     padded = not settings.quick and rank_contention(dist.get_world_size(), dev) == 1.0
     unit_pad = UNIT_PAD_MATMULS if padded else 0
@@ -115,25 +117,55 @@ def compute_pad(matmuls: int, device: str):
     return ComputePad() if matmuls else torch.nn.Identity()
 
 
+FSDP_WIDE = 256
+"""Features of the wide units `measure_fsdp` adds (Linear(256, 256): 257 KB a layer), so
+that a cost per gathered byte stands out: at world 2 FSDP's extra time grew from 70 ms with
+1 KB units to 80-91 ms with 257 KB units (8 units, 2 microbatches), where the collectives
+fitted in a tight loop add 1.6 ms."""
+
+
 def measure_fsdp(settings: Settings) -> dict:
-    """FSDP2's seconds beyond the unsharded model, fitted (>= 0) over 2 and 8 units of 1 and
-    4 Linear(16, 16) layers at 1 and 2 microbatches, in the engine's terms: per all-gather
-    (`gather_s`: 2 per unit and microbatch, 1 for the root), per parameter tensor gathered
-    (`tensor_s`), per gradient reduction (`reduce_s`: 1 per unit and the root, per step), per
-    microbatch (`microbatch_s`: the root's hooks, the backward's final callback) and per step
-    (`step_s`); `unit_bytes` of a unit of one layer (and of the root)."""
-    rows, ys = [], []
+    """FSDP2's seconds beyond the unsharded model over 2 and 8 units of 1 and 4 Linear(16,
+    16) layers and 2 and 8 units of one Linear(`FSDP_WIDE`, `FSDP_WIDE`), at 1 and 2
+    microbatches: each row's counts in the engine's terms (`rows`: all-gathers, 2 per unit
+    and microbatch and 1 for the root; parameter tensors gathered; gradient reductions, 1
+    per unit and the root, per step; microbatches; 1), its bytes (`layer_bytes` of a layer,
+    `layers` per unit) and its `extra_s`. `fsdp_fit` fits them once the collectives are
+    known."""
+    rows, extras, layer_bytes, layer_counts = [], [], [], []
+    shapes = [(UNIT_WIDTH, units, layers) for units in (2, 8) for layers in (1, 4)]
+    shapes += [(FSDP_WIDE, units, 1) for units in (2, 8)]
     for micro in (1, 2):
-        for units in (2, 8):
-            for layers in (1, 4):
-                extra = _dp_extra_s(units, micro, "fsdp", settings, layers)
-                tensors = 2 * micro * (2 * units * layers + 1)  # weight + bias per layer
-                rows.append([micro * (2 * units + 1), tensors, units + 1, micro, 1.0])
-                ys.append(extra)
-    gather, tensor, reduce, micro_s, step_s = nnls(rows, ys)
+        for width, units, layers in shapes:
+            extras.append(_dp_extra_s(units, micro, "fsdp", settings, layers, width))
+            tensors = 2 * micro * (2 * units * layers + 1)  # weight + bias per layer
+            rows.append([micro * (2 * units + 1), tensors, units + 1, micro, 1.0])
+            layer_bytes.append((width * width + width) * 4)
+            layer_counts.append(layers)
+    return {"rows": rows, "extra_s": extras, "layer_bytes": layer_bytes,
+            "layers": layer_counts}
+
+
+def fsdp_fit(raw: dict, t) -> dict:
+    """`measure_fsdp`'s rows fitted (>= 0) beyond the modelled collectives `t(kind, bytes)`
+    (each gather whole, each reduction's bandwidth part: the engine counts one reduction
+    latency itself): seconds per all-gather (`gather_s`), per parameter tensor gathered
+    (`tensor_s`), per reduction (`reduce_s`, its latency included), per microbatch
+    (`microbatch_s`), per step (`step_s`) and per byte gathered (`byte_s`)."""
+    a, y = [], []
+    for row, extra, b, layers in zip(raw["rows"], raw["extra_s"], raw["layer_bytes"],
+                                     raw["layers"]):
+        gathers, _, reduces, micro, _ = row
+        units = reduces - 1
+        unit = layers * b
+        modelled = (micro * (t("all_gather", b) + 2 * units * t("all_gather", unit))
+                    + units * (t("reduce_scatter", unit) - t("reduce_scatter", 0.0))
+                    + t("reduce_scatter", b) - t("reduce_scatter", 0.0))
+        a.append(list(row) + [micro * (1 + 2 * units * layers) * b])
+        y.append(extra - modelled)
+    gather, tensor, reduce, micro_s, step_s, byte_s = nnls(a, y)
     return {"gather_s": float(gather), "tensor_s": float(tensor), "reduce_s": float(reduce),
-            "microbatch_s": float(micro_s), "step_s": float(step_s),
-            "unit_bytes": (UNIT_WIDTH * UNIT_WIDTH + UNIT_WIDTH) * 4}
+            "microbatch_s": float(micro_s), "step_s": float(step_s), "byte_s": float(byte_s)}
 
 
 DDP_SHAPES = ((1, 1), (8, 1), (4, 4), (8, 8), (16, 8))

@@ -98,6 +98,9 @@ class ChipEfficiency:
     collective_call_s: float = 0.0
     """Fixed seconds per collective call on top of the link latency (framework, work
     object, wait)."""
+    fsdp_byte_s: float = 0.0
+    """FSDP seconds per byte a unit gathers, beyond the modelled all-gather (gathers of
+    hundreds of KB after compute, measured slower than the collectives in a tight loop)."""
     ddp_microbatch_s: float = 0.0
     """Fixed seconds of DDP per microbatch (forward hooks, backward preparation)."""
     ddp_tensor_s: float = 0.0
@@ -223,6 +226,7 @@ _CURVE_KINDS = ("linear", "batched_matmul", "attention", "conv", "lstm")
 _SCALARS = ("optimizer_tensor_s", "optimizer_dtensor_s", "optimizer_bytes_per_param",
             "collective_call_s", "ddp_microbatch_s", "ddp_tensor_s", "ddp_step_s",
             "fsdp_gather_s", "fsdp_reduce_s", "fsdp_tensor_s", "fsdp_microbatch_s", "fsdp_step_s",
+            "fsdp_byte_s",
             "tp_op_fwd_s", "tp_op_bwd_s", "tp_collective_s", "pp_action_s", "cp_step_s")
 _REQUIRED = ("source", "memory", "op_overhead_s", "curves")
 _OPTIONAL = ("curves_bwd", "dispatch_fwd_s", "dispatch_bwd_s", "comm_overlap",
