@@ -298,15 +298,19 @@ def test_quick_calibrate_writes_a_profile_the_cost_model_loads(tmp_path, capfd):
     assert all(v > 0 for v in next(iter(eff.model_passes_s.values())))
 
 
-def test_fsdp_fixed_costs_are_charged_per_gathered_tensor_microbatch_and_step():
+def _llama_tiny_step_s(plan: str, **figures) -> float:
+    """Predicted step time of Llama-tiny (2 layers, vocabulary-parallel embedding and head)
+    under `plan` on the 2-rank CPU profile with these efficiency `figures` replaced."""
     from efficiency_support import with_efficiency
+    cl = hardware.load_cpu_cluster(2)
+    return costmodel.estimate(costmodel.graph("llama-tiny"), plan,
+                              with_efficiency(cl, **figures)).step_time_s
+
+
+def test_fsdp_fixed_costs_are_charged_per_gathered_tensor_microbatch_and_step():
     from workbench.costmodel.engine import layer_facts
     from workbench.costmodel.estimator import cached_profile
-    cl = hardware.load_cpu_cluster(2)
-    graph = costmodel.graph("llama-tiny")
-
-    def step_s(plan, **figures):
-        return costmodel.estimate(graph, plan, with_efficiency(cl, **figures)).step_time_s
+    graph, step_s = costmodel.graph("llama-tiny"), _llama_tiny_step_s
     none = dict(fsdp_tensor_s=0.0, fsdp_microbatch_s=0.0, fsdp_step_s=0.0)
     some = dict(fsdp_tensor_s=1e-5, fsdp_microbatch_s=1e-3, fsdp_step_s=3e-3)
     fsdp = "fsdp=2,mb=2,gbs=8,dtype=fp32"  # 2 microbatches per rank, one stage
@@ -321,7 +325,7 @@ def test_fsdp_fixed_costs_are_charged_per_gathered_tensor_microbatch_and_step():
     dp = "dp=2,mb=2,gbs=8,dtype=fp32"  # not sharded: no FSDP costs
     assert step_s(dp, **some) == pytest.approx(step_s(dp, **none))
     # per byte gathered: the root's weights once and every unit's twice per microbatch (fp32)
-    from workbench.costmodel.engine import _row
+    from workbench.costmodel.profile import _row
     in_root = [_row(layer.unit, graph.units) in (0, graph.units + 1) for layer in graph.layers]
     total = sum(layer.params for layer in graph.layers)
     root = sum(layer.params for layer, r in zip(graph.layers, in_root) if r)
@@ -363,14 +367,9 @@ def test_fsdp_fit_recovers_its_terms_beyond_the_modelled_collectives():
 
 
 def test_ddp_fixed_costs_are_charged_per_microbatch_per_tensor_and_step():
-    from efficiency_support import with_efficiency
     from workbench.costmodel.engine import layer_facts
     from workbench.costmodel.estimator import cached_profile
-    cl = hardware.load_cpu_cluster(2)
-    graph = costmodel.graph("llama-tiny")
-
-    def step_s(plan, **figures):
-        return costmodel.estimate(graph, plan, with_efficiency(cl, **figures)).step_time_s
+    graph, step_s = costmodel.graph("llama-tiny"), _llama_tiny_step_s
     none = dict(ddp_microbatch_s=0.0, ddp_tensor_s=0.0, ddp_step_s=0.0)
     some = dict(ddp_microbatch_s=1e-3, ddp_tensor_s=1e-5, ddp_step_s=3e-3)
     dp = "dp=2,mb=2,gbs=8,dtype=fp32"  # 2 microbatches per rank, one stage

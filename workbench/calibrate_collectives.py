@@ -138,6 +138,14 @@ def measure_overlap(settings: Settings) -> float:
     return float(min(1.0, max(0.0, (c + r - t) / min(c, r))))
 
 
+FRAMEWORK_REPEATS = 3
+"""Independent measurements of the overlap and framework costs, one after the other, of
+which `measure_rank` keeps the median of every figure. One measurement each swung between
+calibrations an hour apart on the 2-core host (world 2: overlap 0.04-0.52, TP collective
+0.38-1.32 ms, FSDP per gathered tensor 0-65 us, pipeline action 0.04-0.52 ms), and a round
+of the validation predicted with one such calibration was off by 20% on whole groups."""
+
+
 def measure_rank(settings: Settings, log) -> dict:
     """Everything one rank measures, every rank at the same time (barriers between parts)."""
     import torch.distributed as dist
@@ -186,14 +194,6 @@ def measure_rank(settings: Settings, log) -> dict:
     out.update(merge_ranks(rounds))
     sync()
     return out
-
-
-FRAMEWORK_REPEATS = 3
-"""Independent measurements of the overlap and framework costs, one after the other, of
-which `measure_rank` keeps the median of every figure. One measurement each swung between
-calibrations an hour apart on the 2-core host (world 2: overlap 0.04-0.52, TP collective
-0.38-1.32 ms, FSDP per gathered tensor 0-65 us, pipeline action 0.04-0.52 ms), and a round
-of the validation predicted with one such calibration was off by 20% on whole groups."""
 
 
 def _worker(rank: int, world: int, port: int, settings: Settings, results) -> None:

@@ -34,10 +34,10 @@ def _dp_extra_s(units: int, micro: int, mode: str, settings: Settings,
 def _dp_step(units: int, micro: int, mode: str, settings: Settings, layers: int = 1,
              width: int = 0):
     """A step: forward + backward of `micro` microbatches through `units` units of `layers`
-    Linear(width, width) each (0: `UNIT_WIDTH`) and a `compute_pad`, plus a root Linear, then a longer pad: `plain`,
-    `fsdp` (FSDP2 per unit and root, gradients reduced on the last microbatch only, as the
-    runner does) or `ddp` (DDP with bucket-view gradients, no_sync but on the last
-    microbatch, as the runner does)."""
+    Linear(width, width) each (0: `UNIT_WIDTH`) and a `compute_pad`, plus a root Linear,
+    then a longer pad: `plain`, `fsdp` (FSDP2 per unit and root, gradients reduced on the
+    last microbatch only, as the runner does) or `ddp` (DDP with bucket-view gradients,
+    no_sync but on the last microbatch, as the runner does)."""
     import contextlib
     import torch
     import torch.distributed as dist
@@ -155,7 +155,7 @@ def fsdp_fit(raw: dict, t) -> dict:
     a, y = [], []
     for row, extra, b, layers in zip(raw["rows"], raw["extra_s"], raw["layer_bytes"],
                                      raw["layers"]):
-        gathers, _, reduces, micro, _ = row
+        _, _, reduces, micro, _ = row
         units = reduces - 1
         unit = layers * b
         modelled = (micro * (t("all_gather", b) + 2 * units * t("all_gather", unit))
@@ -259,11 +259,11 @@ def measure_pp(settings: Settings) -> dict:
     ranks, one Linear(16, 16) stage each, microbatches of 2 rows: the least-squares slope over
     5 microbatch counts from the world size up (1F1B needs at least as many microbatches as
     stages), beside one stage's own forward + backward (`stage_s`) and the message bytes.
-    Measured on the schedule the runner runs: GPipe's stream of
-    unpaired asynchronous sends cost 1.0-1.2 ms per microbatch at world 2 on the 2-core host
-    against 0.3-0.8 ms for 1F1B, whose sends pair with receives, and the 2-to-6 GPipe slope
-    the calibration took before 2026-12-04 gave 0.19-0.52 ms per action in six calibrations
-    where the study's 1F1B pipelines of 2 stages wanted about 0.1 ms."""
+    Measured on the schedule the runner runs: GPipe's stream of unpaired asynchronous sends
+    cost 1.0-1.2 ms per microbatch at world 2 on the 2-core host against 0.3-0.8 ms for
+    1F1B, whose sends pair with receives, and the 2-to-6 GPipe slope the calibration took
+    before 2026-12-04 gave 0.19-0.52 ms per action in six calibrations where the study's
+    1F1B pipelines of 2 stages wanted about 0.1 ms."""
     import numpy as np
     import torch
     import torch.distributed as dist

@@ -98,9 +98,6 @@ class ChipEfficiency:
     collective_call_s: float = 0.0
     """Fixed seconds per collective call on top of the link latency (framework, work
     object, wait)."""
-    fsdp_byte_s: float = 0.0
-    """FSDP seconds per byte a unit gathers, beyond the modelled all-gather (gathers of
-    hundreds of KB after compute, measured slower than the collectives in a tight loop)."""
     ddp_microbatch_s: float = 0.0
     """Fixed seconds of DDP per microbatch (forward hooks, backward preparation)."""
     ddp_tensor_s: float = 0.0
@@ -121,6 +118,9 @@ class ChipEfficiency:
     backward's final callback)."""
     fsdp_step_s: float = 0.0
     """Fixed seconds of FSDP per step beyond its gathers and reductions."""
+    fsdp_byte_s: float = 0.0
+    """FSDP seconds per byte a unit gathers, beyond the modelled all-gather (gathers of
+    hundreds of KB after compute, measured slower than the collectives in a tight loop)."""
     tp_op_fwd_s: float = 0.0
     """Extra forward seconds of an op on tensor-parallel (distributed tensor) weights."""
     tp_op_bwd_s: float = 0.0

@@ -31,8 +31,8 @@ so GPU predictions do not depend on them; a calibrated chip carries measured val
 - DDP pays `ddp_microbatch_s` per microbatch, `ddp_tensor_s` per parameter tensor and step
   (gradient hooks of the microbatch that synchronises) and `ddp_step_s` per step, exposed;
 - each FSDP unit all-gather pays `fsdp_gather_s` plus `fsdp_tensor_s` per parameter tensor
-  and `fsdp_byte_s` per byte it gathers, each unit gradient reduction `fsdp_reduce_s` (copy-in/out, hooks;
-  `fsdp_reduce_s` includes the call's latency, which the one modelled reduce-scatter of the
+  and `fsdp_byte_s` per byte it gathers, each unit gradient reduction `fsdp_reduce_s`
+  (copy-in/out, hooks; `fsdp_reduce_s` includes the call's latency, which the one modelled reduce-scatter of the
   stage's gradients then does not count again), and FSDP pays `fsdp_microbatch_s` per
   microbatch and `fsdp_step_s` per step;
 - a pipeline stage pays `pp_action_s` per action (forward or backward of a microbatch on a
@@ -440,7 +440,7 @@ def _data_parallel(out, plans, cluster, opt, records, elem):
     gathers = t_root * (root > 0) + 2 * t_unit + (units - 1) * later
     root_tensors = out["stage_root_tensors"]
     gathered_tensors = 2 * (out["stage_tensors"] - root_tensors) + root_tensors
-    gathered_bytes = (root * (root > 0) + 2 * (params - root)) * w_bytes
+    gathered_bytes = (2 * params - root) * w_bytes  # the root once, every unit twice
     framework = (eff.fsdp_gather_s * ((root > 0) + 2 * units)    # copy-in/out, hooks
                  + eff.fsdp_tensor_s * gathered_tensors + eff.fsdp_microbatch_s
                  + eff.fsdp_byte_s * gathered_bytes)
