@@ -1,5 +1,7 @@
 """Whole-model microbatches timed on one rank (`workbench/calibrate_models.py`) and how the
 engine spreads the difference from its op-level prediction over the ops."""
+import time
+
 import pytest
 from efficiency_support import with_efficiency
 
@@ -120,3 +122,15 @@ def test_the_table_round_trips_through_the_profile_format():
     back = efficiency_from_dict(d)
     assert back.model_passes_s == {"fp32:llama:2:3:4:5": (1e-3, 2e-3)}
     assert efficiency_from_dict(efficiency_to_dict(back)) == back
+
+
+def test_time_passes_is_a_rate_that_keeps_the_time_between_passes():
+    # each call reports 1 ms forward and 3 ms backward but takes >= 20 ms of wall time (a
+    # rank waiting for its core between passes): a median would say 1 + 3 ms, the rate
+    # charges the whole window, split 1 : 3 between forward and backward
+    def passes():
+        time.sleep(0.02)
+        return 0.001, 0.003
+    fwd, bwd = time_passes(passes, duration_s=0.0, min_calls=3)
+    assert fwd + bwd >= 0.02
+    assert bwd == pytest.approx(3 * fwd)

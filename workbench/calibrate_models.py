@@ -104,15 +104,26 @@ def model_passes(name: str, overrides: dict, microbatch: int, device: str
 
 def time_passes(passes: Callable[[], tuple[float, float]], duration_s: float,
                 min_calls: int = 10) -> tuple[float, float]:
-    """Median forward and backward seconds of `passes()` called for `duration_s` of wall
-    time and at least `min_calls` times, after two warm-up calls. A fixed duration keeps
-    every rank of a world busy for the same time, so ranks that share cores are measured
-    sharing them."""
+    """Forward and backward seconds of one `passes()` call as a rate: the wall time of the
+    calls made in `duration_s` (and at least `min_calls` of them, after two warm-up calls)
+    over their number, split between forward and backward as their summed times.
+
+    A rate, not the median of single calls: where ranks share cores, a pass shorter than the
+    scheduler's time slice mostly runs without a break and the rank's wait for its core lands
+    in a few calls, which a median leaves out (measured, 4 ranks on 2 cores: AlexNet-tiny's
+    median 1.7 ms against 3.3-3.6 ms per call over the window, its rate with 2 ranks 1.7 ms);
+    a longer pass is cut at random and its median lands anywhere in between (ResNet-tiny:
+    median 9.1-12.3 ms, rate 8.7-9.2 ms). A fixed duration keeps every rank of a world busy
+    for the same time, so ranks that share cores are measured sharing them."""
     passes(), passes()
-    times, start = [], time.perf_counter()
-    while len(times) < min_calls or time.perf_counter() - start < duration_s:
-        times.append(passes())
-    return (statistics.median(t[0] for t in times), statistics.median(t[1] for t in times))
+    fwd_s = bwd_s = 0.0
+    calls, start = 0, time.perf_counter()
+    while calls < min_calls or time.perf_counter() - start < duration_s:
+        fwd, bwd = passes()
+        fwd_s, bwd_s, calls = fwd_s + fwd, bwd_s + bwd, calls + 1
+    per_call = (time.perf_counter() - start) / calls
+    fwd_part = fwd_s / (fwd_s + bwd_s) if fwd_s + bwd_s > 0 else 0.5
+    return per_call * fwd_part, per_call * (1 - fwd_part)
 
 
 ROUNDS = 3
@@ -123,7 +134,7 @@ round of a few models, and the median over rounds leaves it out."""
 def measure_models(table: dict[str, tuple[str, dict, int]], settings, sync: Callable[[], None],
                    log: Callable[[str], None] = print) -> dict[str, list[float]]:
     """key -> [forward, backward] seconds of one microbatch of every model of `table`: the
-    median over `ROUNDS` rounds over all the models of `time_passes` medians over 0.2 s
+    median over `ROUNDS` rounds over all the models of `time_passes` rates over 0.2 s
     (0.05 s and one round with `settings.quick`). Every rank times the same models in the
     same order."""
     rounds = 1 if settings.quick else ROUNDS
