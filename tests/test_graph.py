@@ -170,3 +170,27 @@ def test_recompute_flops():
     assert g.recompute_flops("none") == 0
     with pytest.raises(ValueError, match="recompute='some'"):
         g.recompute_flops("some")
+
+
+def test_unet_and_fcn_carry_their_skip_maps_across_pipeline_boundaries():
+    from workbench.costmodel.profile import profile
+    from workbench.costmodel.volumes import p2p_tensors
+    g = costmodel.graph(models.get("unet-tiny"))
+    # skip sides 184, 88, 40, 16 (188 - 4, then halved and - 4) at widths 4, 8, 16, 32, in
+    # 2-byte elements: 4*184^2*2 = 270,848, 8*88^2*2 = 123,904, 16*40^2*2 = 51,200 and
+    # 32*16^2*2 = 16,384 bytes; level i's map is made in unit 2i + 1 and read by the
+    # up-convolution of unit 16 - 2i
+    assert g.units == 18 and len(g.carried) == 17
+    assert g.carried[0] == (0, 0)                           # before unit 1: none made yet
+    assert g.carried[1] == (1, 270848)                      # before unit 2
+    assert g.carried[8] == (4, 270848 + 123904 + 51200 + 16384)  # before unit 9: all four
+    assert g.carried[10] == (3, 270848 + 123904 + 51200)    # before 11: level 3's read in 10
+    assert g.carried[16] == (0, 0)                          # before 17: level 0's read in 16
+    # tensors per message, over the 17 boundaries: 1 + (0+1+1+2+2+3+3+4+4+4+3+3+2+2+1+1+0)/17
+    assert p2p_tensors(profile(g)) == pytest.approx(1 + 36 / 17)
+    # FCN-8s: pool3 after unit 6 and pool4 after unit 9, both read by the head after the units
+    f = costmodel.graph(models.get("fcn-tiny"))
+    assert [n for n, _ in f.carried] == [0] * 6 + [1] * 3 + [2] * 5
+    assert f.carried[-1][1] == f.carried[9][1] > f.carried[6][1] > 0
+    # a model without skips across units carries nothing: one tensor per message
+    assert p2p_tensors(profile(costmodel.graph(models.get("llama-tiny")))) == 1.0

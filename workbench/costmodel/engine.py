@@ -61,7 +61,7 @@ from .pipeline import shared_core_pipeline_s
 from .plans import DTYPE_BYTES, CostOptions, PlanArrays
 from .profile import GraphProfile, _row
 from .volumes import (RECOMPUTE_FULL, RECOMPUTE_SELECTIVE, group_of, layer_collectives, p2p_bytes,
-                      rank_params)
+                      p2p_tensors, rank_params)
 
 OPTIMIZER_STEP_BYTES = {"adam": 28, "sgd": 20}
 """Bytes each parameter's optimizer update reads and writes (Adam: fp32 master, m, v read and
@@ -254,9 +254,9 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
     n_tp, s_tp = group_of(plans, "tp")
 
     # PP: each microbatch sends its activation forward and its gradient back, per model chunk.
-    p2p = p2p_bytes(prof, plans, opt)
+    p2p, sends = p2p_bytes(prof, plans, opt), p2p_tensors(prof)  # a send per tensor
     n_pp, s_pp = plans.group(("pp",))
-    t_p2p = collective_s("send_recv", p2p, np.minimum(n_pp, 2), s_pp, cluster)
+    t_p2p = sends * collective_s("send_recv", p2p / sends, np.minimum(n_pp, 2), s_pp, cluster)
     if opt.pp_scatter_gather:  # the receiver all-gathers the 1/tp slices over the TP group
         t_p2p = t_p2p + np.where(plans.sp, 0.0, collective_s(
             "all_gather", p2p * tp, n_tp, s_tp, cluster))
@@ -265,9 +265,10 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
     m = plans.microbatches
     records.append({"name": "PP send/recv (activations, gradients)", "kind": "send_recv",
                     "group": "pp", "group_size": n_pp, "level": comm.span_level(cluster, 2, s_pp),
-                    "bytes": p2p, "count_per_step": np.where(plans.pp > 1, 2 * plans.vpp * m, 0),
+                    "bytes": p2p / sends,
+                    "count_per_step": np.where(plans.pp > 1, np.round(2 * plans.vpp * m * sends), 0),
                     "bytes_per_step": np.where(plans.pp > 1, 2 * plans.vpp * m * p2p, 0.0),
-                    "time_s": t_p2p})
+                    "time_s": t_p2p / sends})
 
     p_sig = rank_params(prof, plans)
     attention_sig = compute_sig * is_attention

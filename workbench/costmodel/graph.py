@@ -123,6 +123,12 @@ class LayerGraph:
     """Bytes per activation element the byte counts assume."""
     config: dict[str, Any] = field(default_factory=dict)
     """The model config the graph was built from."""
+    carried: tuple[tuple[int, int], ...] = ()
+    """Per unit boundary (before unit 1, 2, ..., units - 1), the (tensors, bytes) a pipeline
+    stage starting there receives besides the previous unit's output: the skip maps made
+    before it and read at or after it (U-Net's contracting maps, FCN's pool3 and pool4), which
+    the runner's stages pass on as extra tensors. () when nothing crosses (every unit reads
+    only its input)."""
 
     # -- totals -------------------------------------------------------------------------
     @property
@@ -204,6 +210,17 @@ class LayerGraph:
     def to_json(self) -> dict[str, Any]:
         """Summary, config and layer rows, JSON-serialisable."""
         return {**self.summary(), "config": self.config, "layer_table": self.rows()}
+
+
+def carried_across(units: int, skips: list[tuple[int, int, int]]) -> tuple[tuple[int, int], ...]:
+    """`LayerGraph.carried` of skip tensors given as (bytes, unit that makes it, first unit
+    that reads it; `POST_UNIT` for the layers after the units): a skip crosses every
+    boundary before unit u with maker < u <= reader."""
+    out = []
+    for u in range(1, units):
+        crossing = [size for size, made, read in skips if made < u <= read]
+        out.append((len(crossing), sum(crossing)))
+    return tuple(out)
 
 
 class GraphBuilder:

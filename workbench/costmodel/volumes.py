@@ -91,13 +91,23 @@ def layer_collectives(prof: GraphProfile, plans: PlanArrays,
 
 
 def p2p_bytes(prof: GraphProfile, plans: PlanArrays, opt: CostOptions) -> np.ndarray:
-    """Bytes of one pipeline message (a unit's input activation, or its gradient): divided
-    by tp with SP or the scatter/gather optimisation, by cp always."""
+    """Bytes of one pipeline message (a unit's input activation and the skip maps carried
+    across the boundary, `LayerGraph.carried`, averaged over the units; or their gradients):
+    divided by tp with SP or the scatter/gather optimisation, by cp always."""
     elem = DTYPE_BYTES[plans.dtype] / 2
     rows = prof.checkpoint_sig[1:-1]
     ckpt = np.where(rows >= 0, prof.saved_bytes[np.maximum(rows, 0)], 0.0).mean() if prof.units else 0.0
+    carried = prof.graph.carried
+    ckpt += float(np.mean([size for _, size in carried])) if carried else 0.0
     divide = np.where(plans.sp | opt.pp_scatter_gather, plans.tp, 1)
     return ckpt * plans.mb / plans.cp / divide * elem
+
+
+def p2p_tensors(prof: GraphProfile) -> float:
+    """Tensors in one pipeline message, averaged over the unit boundaries: the activation
+    and the skip maps carried across (`LayerGraph.carried`); each is its own send."""
+    carried = prof.graph.carried
+    return 1.0 + (float(np.mean([n for n, _ in carried])) if carried else 0.0)
 
 
 def rank_params(prof: GraphProfile, plans: PlanArrays) -> np.ndarray:

@@ -22,7 +22,7 @@ import simpy
 
 from ..costmodel.engine import optimizer_s
 from ..costmodel.plans import CostOptions
-from ..costmodel.volumes import group_of, p2p_bytes
+from ..costmodel.volumes import group_of, p2p_bytes, p2p_tensors
 from ..plan import Plan
 from .collectives import Collectives
 from .network import Network, Topology
@@ -62,6 +62,7 @@ class StepSim:
         self.arrivals: dict[tuple, simpy.Event] = {}
         self.strides = plan.strides
         self.p2p = float(p2p_bytes(prof, plans_arr, opt)[0])
+        self.p2p_sends = max(1, round(p2p_tensors(prof)))  # a send per tensor of the message
         self.speed = speed
         self.stats: dict[int, RankStats] = {}
         self.seq: dict[tuple, int] = {}
@@ -166,7 +167,8 @@ class StepSim:
         coords = {**self._coords(rank), "pp": dst_stage}
         dst = self._rank_of(coords)
         self.sim_events += 2
-        yield from self.coll.send(rank, dst, self.p2p)
+        for _ in range(self.p2p_sends):
+            yield from self.coll.send(rank, dst, self.p2p / self.p2p_sends)
         if self.opt.pp_scatter_gather and not self.plan.sequence_parallel:
             yield from self._collective(dst, "tp", "all_gather", self.p2p * self.plan.tp)
         self._arrival((dst,) + key).succeed()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ...models.fcn import FIRST_PADDING, FCNConfig
-from ..graph import POST_UNIT, GraphBuilder, LayerGraph
+from ..graph import POST_UNIT, GraphBuilder, LayerGraph, carried_across
 from . import graph_builder
 from .common import FeatureMap
 
@@ -23,6 +23,7 @@ def fcn_graph(cfg: FCNConfig, batch: int, dtype_bytes: int) -> LayerGraph:
     b = GraphBuilder(dtype_bytes)
     x = FeatureMap(batch, cfg.in_channels, (cfg.image_size, cfg.image_size), requires_grad=False)
     pools: dict[int, FeatureMap] = {}
+    pool_units: dict[int, int] = {}
     unit = 0
     for stage, (width, n) in enumerate(zip(cfg.widths, cfg.convs), start=1):
         for j in range(1, n + 1):
@@ -31,6 +32,7 @@ def fcn_graph(cfg: FCNConfig, batch: int, dtype_bytes: int) -> LayerGraph:
             x = x.act(b, f"relu{stage}_{j}", unit=unit)
             unit += 1
         x = pools[stage] = x.pool(b, f"pool{stage}", 2, 2, unit=unit - 1, ceil_mode=True)
+        pool_units[stage] = unit - 1
     x = x.conv(b, "fc6", cfg.fc_width, 7, unit=unit)
     x = x.act(b, "relu6", unit=unit)
     x = x.act(b, "drop6", unit=unit)
@@ -52,5 +54,7 @@ def fcn_graph(cfg: FCNConfig, batch: int, dtype_bytes: int) -> LayerGraph:
     b.add("crop", "elementwise", elements=x.elements, flops_per_element=0, saves_input=False,
           unit=post)                                                     # .contiguous() copy
     b.add("loss", "elementwise", elements=x.elements, flops_per_element=4, unit=post)
+    carried = carried_across(units, [(pools[i].elements * dtype_bytes, pool_units[i], POST_UNIT)
+                                     for i in (3, 4)])           # the head reads them
     return LayerGraph(model="", family="fcn", layers=b.layers, batch=batch, units=units,
-                      dtype_bytes=dtype_bytes, config=cfg.__dict__.copy())
+                      dtype_bytes=dtype_bytes, config=cfg.__dict__.copy(), carried=carried)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ...models.unet import UNetConfig
-from ..graph import POST_UNIT, GraphBuilder, LayerGraph
+from ..graph import POST_UNIT, GraphBuilder, LayerGraph, carried_across
 from . import graph_builder
 from .common import FeatureMap
 
@@ -29,16 +29,18 @@ def unet_graph(cfg: UNetConfig, batch: int, dtype_bytes: int) -> LayerGraph:
     b = GraphBuilder(dtype_bytes)
     x = FeatureMap(batch, cfg.in_channels, (cfg.image_size, cfg.image_size), requires_grad=False)
     widths = [cfg.base_width * 2 ** i for i in range(cfg.depth + 1)]
-    skips, unit = [], 0
+    skips, made, read, unit = [], [], [], 0
     for i in range(cfg.depth):
         x = _double_conv(b, x, f"encoder.{i}", widths[i], unit)
         skips.append(x)
+        made.append(unit + 1)
         x = x.pool(b, f"pools.{i}", 2, 2, unit=unit + 1)
         unit += 2
     x = _double_conv(b, x, f"encoder.{cfg.depth}", widths[-1], unit)
     unit += 2
     for i, skip in enumerate(reversed(skips)):
         w = widths[cfg.depth - 1 - i]
+        read.append(unit)
         x = x.conv_transpose(b, f"upconvs.{i}", w, 2, 2, unit=unit)
         x = replace(x, channels=skip.channels + w)
         b.add(f"concat{i}", "elementwise", elements=x.elements, flops_per_element=0, inputs=2,
@@ -47,5 +49,7 @@ def unet_graph(cfg: UNetConfig, batch: int, dtype_bytes: int) -> LayerGraph:
         unit += 2
     x = x.conv(b, "head", cfg.num_classes, 1, unit=POST_UNIT)
     b.add("loss", "elementwise", elements=x.elements, flops_per_element=4, unit=POST_UNIT)
+    carried = carried_across(unit, [(skip.elements * dtype_bytes, m, r) for skip, m, r
+                                    in zip(reversed(skips), reversed(made), read)])
     return LayerGraph(model="", family="unet", layers=b.layers, batch=batch, units=unit,
-                      dtype_bytes=dtype_bytes, config=cfg.__dict__.copy())
+                      dtype_bytes=dtype_bytes, config=cfg.__dict__.copy(), carried=carried)
