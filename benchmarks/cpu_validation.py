@@ -18,7 +18,7 @@ listed and left out of the summary. Timings are noisy on a shared 2-core machine
 quiet one for the figures that count.
 
 `--calibrate-each-round DIR` calibrates the host (`workbench calibrate --world 2,4 --ops-for`
-the study, about 17 minutes) into DIR/round-N.json before each round and predicts that round's
+the study, about 17-20 minutes) into DIR/round-N.json before each round and predicts that round's
 runs with it; a point's prediction is then the median of its rounds' predictions. The speed of
 a shared host drifts over tens of minutes (the matmul peak read 61 to 92 GFLOP/s on one night),
 so a calibration taken an hour before a run predicts the host of an hour before.

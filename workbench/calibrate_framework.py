@@ -177,13 +177,21 @@ world 4, the same at 1 and 2 microbatches (so the cost is per step, on the micro
 synchronises, not per microbatch)."""
 
 
+DDP_MICRO = (1, 2, 4)
+"""Microbatches per step `measure_ddp` fits over. At 1 and 2 only, the split between the cost
+per microbatch and per step moved between calibrations of one host (world 2: 0.25 / 2.3,
+0.54 / 1.8 and 1.18 / 0.77 ms), and LSTM-tiny's DP step (1.7 ms of compute) was
+over-predicted by 26-39%: measured at 1 and 2 microbatches, its extra microbatch cost DDP well
+under 1.2 ms. Four microbatches give the slope a longer lever."""
+
+
 def measure_ddp(settings: Settings) -> dict:
-    """DDP's seconds beyond the plain model, fitted (>= 0) over `DDP_SHAPES` at 1 and 2
+    """DDP's seconds beyond the plain model, fitted (>= 0) over `DDP_SHAPES` at `DDP_MICRO`
     microbatches: per microbatch (`microbatch_s`), per parameter tensor and step (`tensor_s`,
     the gradient-ready hooks and bucket work of the microbatch that synchronises) and per
     step (`step_s`, with the one bucket's all-reduce of the smallest model's `bytes` in it)."""
     rows, ys = [], []
-    for micro in (1, 2):
+    for micro in DDP_MICRO:
         for units, layers in DDP_SHAPES:
             extra = _dp_extra_s(units, micro, "ddp", settings, layers)
             rows.append([micro, 2 * (units * layers + 1), 1.0])  # weight + bias per Linear
