@@ -32,9 +32,9 @@ so GPU predictions do not depend on them; a calibrated chip carries measured val
   (gradient hooks of the microbatch that synchronises) and `ddp_step_s` per step, exposed;
 - each FSDP unit all-gather pays `fsdp_gather_s` plus `fsdp_tensor_s` per parameter tensor
   and `fsdp_byte_s` per byte it gathers, each unit gradient reduction `fsdp_reduce_s`
-  (copy-in/out, hooks; `fsdp_reduce_s` includes the call's latency, which the one modelled reduce-scatter of the
-  stage's gradients then does not count again), and FSDP pays `fsdp_microbatch_s` per
-  microbatch and `fsdp_step_s` per step;
+  (copy-in/out, hooks; `fsdp_reduce_s` includes the call's latency, which the one modelled
+  reduce-scatter of the stage's gradients then does not count again), and FSDP pays
+  `fsdp_microbatch_s` per microbatch and `fsdp_step_s` per step;
 - a pipeline stage pays `pp_action_s` per action (forward or backward of a microbatch on a
   model chunk);
 - the optimizer pays `optimizer_tensor_s` per parameter tensor the rank updates
@@ -253,10 +253,12 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
     tp_sig, cp_sig, ep_sig = group_sig["tp"], group_sig["cp"], group_sig["ep"]
     n_tp, s_tp = group_of(plans, "tp")
 
-    # PP: each microbatch sends its activation forward and its gradient back, per model chunk.
-    p2p, sends = p2p_bytes(prof, plans, opt), p2p_tensors(prof)  # a send per tensor
+    # PP: each microbatch sends its activation forward and its gradient back, per model chunk,
+    # with the skip maps the boundary carries: a send per tensor.
+    p2p, sends = p2p_bytes(prof, plans, opt), p2p_tensors(prof)
     n_pp, s_pp = plans.group(("pp",))
-    t_p2p = sends * collective_s("send_recv", p2p / sends, np.minimum(n_pp, 2), s_pp, cluster)
+    t_send = collective_s("send_recv", p2p / sends, np.minimum(n_pp, 2), s_pp, cluster)
+    t_p2p = sends * t_send
     if opt.pp_scatter_gather:  # the receiver all-gathers the 1/tp slices over the TP group
         t_p2p = t_p2p + np.where(plans.sp, 0.0, collective_s(
             "all_gather", p2p * tp, n_tp, s_tp, cluster))
@@ -266,9 +268,10 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
     records.append({"name": "PP send/recv (activations, gradients)", "kind": "send_recv",
                     "group": "pp", "group_size": n_pp, "level": comm.span_level(cluster, 2, s_pp),
                     "bytes": p2p / sends,
-                    "count_per_step": np.where(plans.pp > 1, np.round(2 * plans.vpp * m * sends), 0),
+                    "count_per_step": np.where(plans.pp > 1,
+                                               np.round(2 * plans.vpp * m * sends), 0),
                     "bytes_per_step": np.where(plans.pp > 1, 2 * plans.vpp * m * p2p, 0.0),
-                    "time_s": t_p2p / sends})
+                    "time_s": t_send})
 
     p_sig = rank_params(prof, plans)
     attention_sig = compute_sig * is_attention
