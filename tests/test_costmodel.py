@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from workbench import costmodel, hardware
+from workbench import costmodel, hardware, models
 from workbench.cli import main
 from workbench.costmodel import CostOptions, comm
 from workbench.costmodel.efficiency import efficiency_for
@@ -250,3 +250,24 @@ def test_a_pipeline_message_pays_a_send_per_tensor_it_carries():
     assert pp.seconds == pytest.approx(float(collective_s("send_recv", pp.bytes, 2, 1, cl)))
     # per step: m microbatches x 2 messages x sends (the presets charge no pipeline action)
     assert est.breakdown_s["pp_comm_s"] == pytest.approx(m * 2 * sends * pp.seconds)
+
+
+def test_vocab_parallel_loss_all_reduces_three_values_per_token():
+    # GPT-tiny (seq 32) at TP 2, 2 microbatches of 1: the loss over vocabulary-split logits
+    # all-reduces the row max, the sum of exponentials and the target logit, each of one fp32
+    # value per token: 3 calls x 2 microbatches = 6 a step of 32 x 4 = 128 B; none at TP 1
+    # and none for a classifier (ViT's head is not vocabulary-split).
+    from workbench.runner import prediction_cluster
+    cluster = prediction_cluster("cpu", 2)
+    name = "TP all-reduce of the vocab-parallel loss (row max, sum of exponentials, target logit)"
+    est = costmodel.estimate(costmodel.graph(models.get("gpt-tiny")), "tp=2,gbs=2,mb=1,dtype=fp32",
+                             cluster)
+    (loss,) = [c for c in est.comm if c.name == name]
+    assert (loss.kind, loss.count_per_step, loss.bytes, loss.bytes_per_step) == \
+        ("all_reduce", 6, 128.0, 768.0)
+    est = costmodel.estimate(costmodel.graph(models.get("gpt-tiny")), "dp=2,gbs=2,mb=1,dtype=fp32",
+                             cluster)
+    assert not [c for c in est.comm if c.name == name]
+    est = costmodel.estimate(costmodel.graph(models.get("vit-tiny")), "tp=2,gbs=2,mb=1,dtype=fp32",
+                             cluster)
+    assert not [c for c in est.comm if c.name == name]

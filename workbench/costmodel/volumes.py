@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .plans import DTYPE_BYTES, CostOptions, PlanArrays
-from .profile import GraphProfile
+from .profile import VOCAB_LOSS_ALLREDUCES, GraphProfile
 
 RECOMPUTE_SELECTIVE, RECOMPUTE_FULL = 1, 2
 
@@ -62,6 +62,12 @@ def layer_collectives(prof: GraphProfile, plans: PlanArrays,
         "TP all-reduce (reduce-scatter + all-gather with SP)", "all_reduce", "tp",
         prof.tp_allreduce_bytes[:, None] * mb / cp * elem * ones,
         prof.tp_fwd_calls[:, None] * ones, (prof.tp_bwd_calls[:, None] + full * row) * ones))
+    # The loss over vocabulary-split logits: all-reduces of one value per token (SP or not).
+    loss = (prof.tp_loss_bytes > 0)[:, None] * ones
+    out.append(LayerCollective(
+        "TP all-reduce of the vocab-parallel loss (row max, sum of exponentials, target logit)",
+        "all_reduce", "tp", prof.tp_loss_bytes[:, None] * mb / cp * elem * ones,
+        VOCAB_LOSS_ALLREDUCES * loss, 0 * loss))
     # SP around a block TP leaves whole (MoE): its input is all-gathered forward, and its
     # output split again, whose backward all-gathers the gradient (the input gradient is
     # the same on every rank, so the gather's backward is a local split); a full recompute

@@ -1,8 +1,9 @@
 """Count the bytes of every collective a rank issues, by kind and by group.
 
 A `TorchDispatchMode` sees the c10d ops (eager `torch.distributed` calls, FSDP2, pipeline
-send/recv) and the functional collectives (DTensor redistributions for TP and SP). Sizes
-follow `costmodel.comm`'s conventions: an all-reduce counts its buffer, an all-gather its
+send/recv) and the functional collectives (DTensor redistributions for TP and SP); the
+all-reduces of `loss_parallel` run inside DTensor's dispatch and are counted from the loss's
+aten ops (`_VOCAB_LOSS`). Sizes follow `costmodel.comm`'s conventions: an all-reduce counts its buffer, an all-gather its
 output (all shards), a reduce-scatter its input, an all-to-all the rank's buffer, a send or
 receive its message. DDP's reducer calls the process group from C++, out of the dispatcher's
 sight, so DDP buckets are counted by a comm hook (`ddp_counting_hook`).
@@ -37,6 +38,28 @@ _FUNCTIONAL = {  # functional collective -> (kind, count the output instead of t
     "reduce_scatter_tensor_coalesced": ("reduce_scatter", False),
     "all_to_all_single": ("all_to_all", False), "broadcast": ("broadcast", False),
 }
+
+
+_VOCAB_LOSS = {"_log_softmax": 2, "nll_loss_forward": 1}
+"""All-reduces `loss_parallel` issues per aten op on vocabulary-split logits (the row maximum
+and the sum of exponentials; the target's logit), each of one value per row. Its handlers run
+inside DTensor's dispatch, out of this mode's sight, so the mode counts them from the op."""
+
+
+def _vocab_loss_allreduces(name: str, args) -> tuple[int, int, object] | None:
+    """(calls, bytes per call, process group) of `loss_parallel`'s all-reduces inside aten op
+    `name`, or None when its input is not a DTensor split along the class dimension."""
+    from torch.distributed.tensor import DTensor
+    x = args[0] if args else None
+    if name not in _VOCAB_LOSS or not isinstance(x, DTensor):
+        return None
+    dim = args[1] if name == "_log_softmax" else min(1, x.dim() - 1)  # nll: classes on dim 1
+    dim %= x.dim()
+    for mesh_dim, placement in enumerate(x.placements):
+        if placement.is_shard(dim):
+            rows = x.numel() // x.shape[dim]
+            return _VOCAB_LOSS[name], rows * x.element_size(), x.device_mesh.get_group(mesh_dim)
+    return None
 
 
 def _process_group(func, args):
@@ -104,6 +127,11 @@ class CommCounter(TorchDispatchMode):
             if pg is not None:
                 label = self.group_labels.get(pg.group_name, f"{pg.size()} ranks")
             self.add(kind, nbytes, label)
+        elif self.active and (loss := _vocab_loss_allreduces(name, args)) is not None:
+            calls, nbytes, pg = loss
+            for _ in range(calls):
+                self.add("all_reduce", nbytes, self.group_labels.get(pg.group_name,
+                                                                     f"{pg.size()} ranks"))
         return out
 
     def summary(self) -> dict[str, dict[str, int]]:
