@@ -9,6 +9,8 @@ AdamW on distributed-tensor parameters. Every rank runs them at once
 """
 from __future__ import annotations
 
+import math
+
 from .calibrate import Settings, chain_times, nnls, optimizer_tensor_s
 from .calibrate_collectives import _timed, rank_contention
 
@@ -202,6 +204,12 @@ def measure_ddp(settings: Settings) -> dict:
             "bytes": smallest * (UNIT_WIDTH * UNIT_WIDTH + UNIT_WIDTH) * 4}
 
 
+TP_INPUT = (2, 4, 16)
+"""Input of `measure_tp`'s blocks: (batch, sequence, features), as the TP models' (B, S, D)
+activations; a Linear on a 3-D DTensor input dispatches its flatten and unflatten views on
+distributed tensors too."""
+
+
 def measure_tp(settings: Settings) -> dict:
     """Tensor parallelism's extra seconds against the same blocks unsplit, split into a cost
     per op on distributed-tensor weights and a cost per TP collective, as the runner's plans
@@ -241,7 +249,7 @@ def measure_tp(settings: Settings) -> dict:
                 plan.update({f"{i}.cols.{j}": ColwiseParallel() for j in range(fan)})
                 plan[f"{i}.row"] = RowwiseParallel()
             parallelize_module(blocks, mesh, plan)
-        x = torch.randn(8, 16, device=dev)
+        x = torch.randn(*TP_INPUT, device=dev)
         return lambda: blocks(x)
     lengths, inner = (1, 5), 5 if settings.quick else 12
     reps = 3 if settings.quick else max(5, 2 * settings.repeats)
@@ -259,7 +267,7 @@ def measure_tp(settings: Settings) -> dict:
     op_f, op_both = (f3 - f1) / 2, (b3 - b1) / 2  # two more ops, as many collectives
     # a block of one column op: 2 ops, and 2 collectives (one each way) over a whole step
     return {"fwd_s": op_f, "bwd_s": op_both - op_f, "collective_s": (b1 - 2 * op_both) / 2,
-            "allreduce_bytes": 8 * 16 * 4}
+            "allreduce_bytes": math.prod(TP_INPUT) * 4}
 
 
 def measure_pp(settings: Settings) -> dict:
