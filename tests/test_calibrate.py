@@ -394,11 +394,12 @@ def test_tp_collective_cost_is_charged_per_tp_collective_call():
     calls = sum(c.count_per_step for c in costmodel.estimate(graph, tp, cl).comm
                 if c.group == "tp")
     # per microbatch: each layer's wo and w2 all-reduce forward and backward (2 x 2 x 2), the
-    # vocabulary-parallel embedding forward, the head backward: 10; x 2 microbatches
-    assert calls == 2 * (2 * 2 * 2 + 2) == 20
-    # 20 calls x 1 ms
+    # vocabulary-parallel embedding forward, the head backward, the loss's row max, sum of
+    # exponentials and target logit: 13; x 2 microbatches
+    assert calls == 2 * (2 * 2 * 2 + 2 + 3) == 26
+    # 26 calls x 1 ms
     assert step_s(tp, tp_collective_s=1e-3) == pytest.approx(step_s(tp, tp_collective_s=0.0)
-                                                             + 20 * 1e-3)
+                                                             + 26 * 1e-3)
     dp = "dp=2,mb=1,gbs=2,dtype=fp32"  # no TP collective: nothing charged
     assert step_s(dp, tp_collective_s=1e-3) == pytest.approx(step_s(dp, tp_collective_s=0.0))
 
