@@ -18,6 +18,7 @@ from ..stages import virtual_stage_units
 from .graph import POST_UNIT, PRE_UNIT, LayerGraph
 
 TP_SPLIT = ("column", "row", "heads", "vocab")
+"""TP rules whose work and parameters are divided by the TP degree."""
 
 VOCAB_LOSS_ALLREDUCES = 3
 """TP all-reduces of a cross-entropy over vocabulary-split logits, each of one value per token,
@@ -25,7 +26,6 @@ all in the forward pass: the row maximum, the sum of exponentials and the target
 (Megatron-LM's `_VocabParallelCrossEntropy`; torch's `loss_parallel`, which the runner uses:
 measured on gloo, GPT-tiny at TP 2 issued 2 of shape (tokens, 1) and 1 of (tokens,) a
 microbatch beyond the 18 of its layers, each about 1.1 ms of a 90 ms step)."""
-"""TP rules whose work and parameters are divided by the TP degree."""
 
 
 @dataclass
@@ -76,7 +76,8 @@ class GraphProfile:
     that opens it), which sequence parallelism all-gathers; 0 for other ops."""
     tp_loss_bytes: np.ndarray
     """Bytes per sample of each of the `VOCAB_LOSS_ALLREDUCES` forward all-reduces of a loss
-    over vocabulary-split logits (one element per token); 0 for other ops."""
+    over vocabulary-split logits (one element per token, in the plan's dtype; the runner's
+    loss runs in fp32, 4 bytes, whatever the plan); 0 for other ops."""
     counts: np.ndarray
     """(U+2) x S: layers of each signature in each row [pre, units..., post]."""
     checkpoint_sig: np.ndarray
@@ -147,8 +148,9 @@ def profile(graph: LayerGraph) -> GraphProfile:
                   if layer.tp == "vocab" and layer.kind == "linear"}
     for layer in graph.layers:
         tp_bytes, tp_fwd, tp_bwd = 0, 0, 0
-        loss = (2 * vocab_rows[layer.unit] if layer.tp == "vocab" and layer.kind == "elementwise"
-                and layer.unit in vocab_rows else 0)  # one 2-byte element per token
+        loss = (graph.dtype_bytes * vocab_rows[layer.unit]  # one element per token
+                if layer.tp == "vocab" and layer.kind == "elementwise" and layer.unit in vocab_rows
+                else 0)
         if layer.tp == "row":
             tp_bytes, tp_fwd, tp_bwd = layer.write_bytes, 1, 1
         elif layer.tp == "vocab" and layer.kind == "embedding":

@@ -3,10 +3,11 @@
 A `TorchDispatchMode` sees the c10d ops (eager `torch.distributed` calls, FSDP2, pipeline
 send/recv) and the functional collectives (DTensor redistributions for TP and SP); the
 all-reduces of `loss_parallel` run inside DTensor's dispatch and are counted from the loss's
-aten ops (`_VOCAB_LOSS`). Sizes follow `costmodel.comm`'s conventions: an all-reduce counts its buffer, an all-gather its
-output (all shards), a reduce-scatter its input, an all-to-all the rank's buffer, a send or
-receive its message. DDP's reducer calls the process group from C++, out of the dispatcher's
-sight, so DDP buckets are counted by a comm hook (`ddp_counting_hook`).
+aten ops (`_VOCAB_LOSS`). Sizes follow `costmodel.comm`'s conventions: an all-reduce counts
+its buffer, an all-gather its output (all shards), a reduce-scatter its input, an all-to-all
+the rank's buffer, a send or receive its message. DDP's reducer calls the process group from
+C++, out of the dispatcher's sight, so DDP buckets are counted by a comm hook
+(`ddp_counting_hook`).
 
 On gloo, FSDP2 runs a reduce-scatter as an all-reduce of the whole gradient followed by a
 local slice; the counter records the collective that ran, and `logical()` maps it back to
@@ -122,17 +123,18 @@ class CommCounter(TorchDispatchMode):
                 nbytes = _nbytes(args[where])
             else:
                 nbytes = _nbytes(out if where else args[0])
-            pg = _process_group(func, args)
-            label = None
-            if pg is not None:
-                label = self.group_labels.get(pg.group_name, f"{pg.size()} ranks")
-            self.add(kind, nbytes, label)
+            self.add(kind, nbytes, self._label(_process_group(func, args)))
         elif self.active and (loss := _vocab_loss_allreduces(name, args)) is not None:
             calls, nbytes, pg = loss
             for _ in range(calls):
-                self.add("all_reduce", nbytes, self.group_labels.get(pg.group_name,
-                                                                     f"{pg.size()} ranks"))
+                self.add("all_reduce", nbytes, self._label(pg))
         return out
+
+    def _label(self, pg) -> str | None:
+        """What process group `pg` is (its mesh dimension), its size if unnamed, None if none."""
+        if pg is None:
+            return None
+        return self.group_labels.get(pg.group_name, f"{pg.size()} ranks")
 
     def summary(self) -> dict[str, dict[str, int]]:
         """{kind: {"bytes": ..., "calls": ..., "by_group": {group: bytes}}}."""
