@@ -450,6 +450,9 @@ def write_profile(profile: dict, path: str | Path) -> None:
 def cmd_calibrate(args) -> int:
     """`workbench calibrate`: measure, write the profile, print where it went."""
     from .calibrate_collectives import calibrate
+    if args.merge:
+        from .calibrate_merge import cmd_merge
+        return cmd_merge(args)
     try:
         settings = Settings(device=args.device, worlds=parse_worlds(args.world),
                             quick=args.quick, repeats=3 if args.quick else 7,
@@ -491,5 +494,8 @@ def add_command(subparsers) -> argparse.ArgumentParser:
                    help="also time every GEMM-like op of this study's points at its exact "
                         "shape, and one microbatch of each of its models whole (repeatable; "
                         "studies/cpu-validation.toml for the CPU loop)")
+    p.add_argument("--merge", nargs="+", metavar="PROFILE",
+                   help="measure nothing: fit one profile from the median of these "
+                        "calibrations' raw figures (same host, --world, --quick, --ops-for)")
     p.set_defaults(func=cmd_calibrate)
     return p

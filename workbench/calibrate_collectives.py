@@ -412,23 +412,37 @@ def calibrate(settings: Settings, log=print) -> dict:
     """Measure every world of `settings` and return the profile file's content: `chip` and
     `host_level` of the one-rank-per-core world (the default cluster), `worlds` (every world
     measured), `measurement` (when, where, the raw figures)."""
-    import platform
     import torch
-    cores = torch.cuda.device_count() if settings.device == "cuda" else (os.cpu_count() or 1)
-    worlds = sorted(set(settings.worlds) | ({cores} if cores > 1 else set()))
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    entries, raw = [], {}
-    for ranks in worlds:
+    raw = {}
+    for ranks in sorted(set(settings.worlds) | ({host_ranks(settings.device)}
+                                                 if host_ranks(settings.device) > 1 else set())):
         log(f"world of {ranks} rank(s) on {settings.device}:")
-        merged = merge_ranks(run_world(ranks, settings))
-        raw[str(ranks)] = merged
-        entries.append(world_profile(merged, ranks, settings, stamp))
+        raw[str(ranks)] = merge_ranks(run_world(ranks, settings))
+    return profile_from_raw(raw, settings, stamp, {
+        "host": _host(), "torch": torch.__version__, "load_average": list(os.getloadavg())})
+
+
+def host_ranks(device: str) -> int:
+    """Ranks that give each one its own core (CPU) or GPU (CUDA): the host's default world."""
+    import torch
+    return torch.cuda.device_count() if device == "cuda" else (os.cpu_count() or 1)
+
+
+def profile_from_raw(raw: dict[str, dict], settings: Settings, stamp: str,
+                     measurement: dict) -> dict:
+    """The profile file's content fitted from `raw` (world size as text -> that world's
+    figures, median over ranks): `chip` and `host_level` of the host's default world,
+    `worlds`, and `measurement` (`measurement`'s entries, the stamp, the raw figures)."""
+    import platform
+    entries = [world_profile(raw[w], int(w), settings, stamp)
+               for w in sorted(raw, key=int)]
+    cores = host_ranks(settings.device)
     host = next((e for e in entries if e["ranks"] == cores), entries[-1])
     if host["level"] is None:
         raise ValueError("calibrate: the host world needs >= 2 ranks (no collectives measured)")
     return {"chip": host["chip"], "host_level": host["level"],
             "worlds": [e for e in entries if e["level"] is not None],
-            "measurement": {"measured_at": stamp, "host": _host(), "torch": torch.__version__,
-                            "python": platform.python_version(), "device": settings.device,
-                            "quick": settings.quick, "load_average": list(os.getloadavg()),
-                            "raw": raw}}
+            "measurement": {"measured_at": stamp, "python": platform.python_version(),
+                            "device": settings.device, "quick": settings.quick,
+                            **measurement, "raw": raw}}
