@@ -104,3 +104,15 @@ def test_merge_command_writes_a_profile_the_cost_model_loads(tmp_path, shipped, 
     assert not (tmp_path / "x.json").exists()
     with pytest.raises(ValueError, match="at least 2"):
         merge_files([str(a)])
+
+
+def test_the_merged_host_world_is_the_calibrated_hosts_not_this_machines(shipped, monkeypatch):
+    # merged on a machine with 4 cores: the default cluster stays the 2-rank world the
+    # calibrations were taken on
+    from workbench import calibrate_collectives
+    monkeypatch.setattr(calibrate_collectives, "host_ranks", lambda device: 4)
+    merged = merge_profiles([shipped, shipped])
+    assert shipped["host_level"]["size"] == 2
+    assert merged["host_level"]["size"] == 2
+    assert merged["host_level"]["bandwidth_Bps"] == pytest.approx(
+        shipped["host_level"]["bandwidth_Bps"])

@@ -414,9 +414,8 @@ def calibrate(settings: Settings, log=print) -> dict:
     measured), `measurement` (when, where, the raw figures)."""
     import torch
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    raw = {}
-    for ranks in sorted(set(settings.worlds) | ({host_ranks(settings.device)}
-                                                 if host_ranks(settings.device) > 1 else set())):
+    raw, own = {}, host_ranks(settings.device)
+    for ranks in sorted(set(settings.worlds) | ({own} if own > 1 else set())):
         log(f"world of {ranks} rank(s) on {settings.device}:")
         raw[str(ranks)] = merge_ranks(run_world(ranks, settings))
     return profile_from_raw(raw, settings, stamp, {
@@ -430,14 +429,15 @@ def host_ranks(device: str) -> int:
 
 
 def profile_from_raw(raw: dict[str, dict], settings: Settings, stamp: str,
-                     measurement: dict) -> dict:
+                     measurement: dict, host_world: int | None = None) -> dict:
     """The profile file's content fitted from `raw` (world size as text -> that world's
-    figures, median over ranks): `chip` and `host_level` of the host's default world,
+    figures, median over ranks): `chip` and `host_level` of the host's default world
+    (`host_world` ranks; default: this machine's `host_ranks`, else the largest world),
     `worlds`, and `measurement` (`measurement`'s entries, the stamp, the raw figures)."""
     import platform
     entries = [world_profile(raw[w], int(w), settings, stamp)
                for w in sorted(raw, key=int)]
-    cores = host_ranks(settings.device)
+    cores = host_world or host_ranks(settings.device)
     host = next((e for e in entries if e["ranks"] == cores), entries[-1])
     if host["level"] is None:
         raise ValueError("calibrate: the host world needs >= 2 ranks (no collectives measured)")

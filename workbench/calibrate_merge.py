@@ -74,8 +74,10 @@ def merge_profiles(profiles: list[dict], names: list[str] | None = None) -> dict
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     merged_from = [{"file": name, "measured_at": m.get("measured_at"),
                     "load_average": m.get("load_average")} for name, m in zip(names, meas)]
+    host_world = (profiles[0].get("host_level") or {}).get("size")  # the calibrated host's
     profile = profile_from_raw(raw, settings, stamp, {
-        "host": first.get("host"), "torch": first.get("torch"), "merged_from": merged_from})
+        "host": first.get("host"), "torch": first.get("torch"), "merged_from": merged_from},
+        host_world=host_world if isinstance(host_world, int) else None)
     note = (f" Median of {len(meas)} calibrations' raw figures ("
             f"{', '.join(str(m['measured_at']) for m in merged_from)}), fitted {stamp} "
             f"(workbench calibrate --merge).")
