@@ -413,13 +413,18 @@ def calibrate(settings: Settings, log=print) -> dict:
     `host_level` of the one-rank-per-core world (the default cluster), `worlds` (every world
     measured), `measurement` (when, where, the raw figures)."""
     import torch
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    stamp = utc_stamp()
     raw, own = {}, host_ranks(settings.device)
     for ranks in sorted(set(settings.worlds) | ({own} if own > 1 else set())):
         log(f"world of {ranks} rank(s) on {settings.device}:")
         raw[str(ranks)] = merge_ranks(run_world(ranks, settings))
     return profile_from_raw(raw, settings, stamp, {
         "host": _host(), "torch": torch.__version__, "load_average": list(os.getloadavg())})
+
+
+def utc_stamp() -> str:
+    """Now in UTC as a profile's `measured_at` writes it (2026-12-05T03:50:54Z)."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def host_ranks(device: str) -> int:

@@ -14,12 +14,11 @@ calibrations, 7.5-7.8% and 167-176 with each of them alone.
 """
 from __future__ import annotations
 
-import datetime
 import json
 from pathlib import Path
 
 from .calibrate import Settings, write_profile
-from .calibrate_collectives import merge_ranks, profile_from_raw
+from .calibrate_collectives import merge_ranks, profile_from_raw, utc_stamp
 
 
 def _same_shape(a, b, where: str) -> None:
@@ -71,7 +70,7 @@ def merge_profiles(profiles: list[dict], names: list[str] | None = None) -> dict
     raw = {w: merge_ranks([m["raw"][w] for m in meas]) for w in first["raw"]}
     worlds = tuple(sorted(int(w) for w in raw))
     settings = Settings(device=first["device"], worlds=worlds, quick=bool(first["quick"]))
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    stamp = utc_stamp()
     merged_from = [{"file": name, "measured_at": m.get("measured_at"),
                     "load_average": m.get("load_average")} for name, m in zip(names, meas)]
     host_world = (profiles[0].get("host_level") or {}).get("size")  # the calibrated host's
