@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 from .calibrate import Settings, chain_times, nnls, optimizer_tensor_s
-from .calibrate_collectives import _timed
+from .calibrate_collectives import _timed, rank_contention
 
 
 def _paired(a, b, device: str, inner: int, repeats: int) -> float:
@@ -22,28 +22,6 @@ def _paired(a, b, device: str, inner: int, repeats: int) -> float:
     import statistics
     return statistics.median(_timed(a, device, inner, 1) - _timed(b, device, inner, 1)
                              for _ in range(repeats))
-
-
-def runner_mesh(split: str, device: str):
-    """The device mesh the runner builds (`runner.parallelize.build_mesh`) for a plan that
-    splits every rank of the world by `split` (`dp`, `fsdp` or `tp`), made once per process,
-    so that the framework models run over the process groups the runner's plans use. Not the
-    world's default group: at world 4 on the 2-core host the same synthetic FSDP step (2
-    units, 2 microbatches) took 50-61 ms over the runner's mesh against 64-83 ms over a 1-D
-    mesh of the default group (three interleaved pairs; at world 2: 36-37 ms both), and the
-    default-group fit over-predicted the models' FSDP at world 4 by 8-21%."""
-    import torch.distributed as dist
-    key = (split, device, dist.get_world_size())
-    if key not in _RUNNER_MESHES:
-        from .plan import Plan
-        from .runner.parallelize import build_mesh
-        world = key[2]
-        _RUNNER_MESHES[key] = build_mesh(Plan.parse(f"{split}={world},mb=1,gbs={world}"), device)
-    return _RUNNER_MESHES[key]
-
-
-_RUNNER_MESHES: dict = {}
-"""`runner_mesh`'s meshes by (split, device, world size)."""
 
 
 def _dp_extra_s(units: int, micro: int, mode: str, settings: Settings,
@@ -61,14 +39,15 @@ def _dp_step(units: int, micro: int, mode: str, settings: Settings, layers: int 
     Linear(width, width) each (0: `UNIT_WIDTH`) and a `compute_pad`, plus a root Linear,
     then a longer pad: `plain`, `fsdp` (FSDP2 per unit and root, gradients reduced on the
     last microbatch only, as the runner does) or `ddp` (DDP with bucket-view gradients,
-    no_sync but on the last microbatch, as the runner does), over the runner's process
-    groups (`runner_mesh`)."""
+    no_sync but on the last microbatch, as the runner does)."""
     import contextlib
     import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     dev, d = settings.device, width or UNIT_WIDTH
     torch.manual_seed(0)
-    padded = not settings.quick
+    padded = not settings.quick and rank_contention(dist.get_world_size(), dev) == 1.0
     unit_pad = UNIT_PAD_MATMULS if padded else 0
     model = torch.nn.Sequential(torch.nn.Linear(d, d, device=dev), *[
         torch.nn.Sequential(*[torch.nn.Linear(d, d, device=dev) for _ in range(layers)],
@@ -77,13 +56,13 @@ def _dp_step(units: int, micro: int, mode: str, settings: Settings, layers: int 
     pad = compute_pad(PAD_MATMULS if padded else 0, dev)
     run = model
     if mode == "fsdp":
-        mesh = runner_mesh("fsdp", dev)["dp_shard_cp"]
+        mesh = init_device_mesh(dev, (dist.get_world_size(),))
         for unit in model[1:]:
             fully_shard(unit, mesh=mesh)
         fully_shard(model, mesh=mesh)
     elif mode == "ddp":
-        from .runner.parallelize import wrap_ddp
-        run = wrap_ddp(model, runner_mesh("dp", dev)["dp_cp"].get_group())
+        run = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False,
+                                                        gradient_as_bucket_view=True)
     x = torch.randn(2, d, device=dev)
 
     def step():
@@ -120,11 +99,9 @@ def compute_pad(matmuls: int, device: str):
     dearer at world 2 after 2-30 ms of compute than after none, and FSDP's gathers dearer
     between real blocks than between empty ones; a model's step always pays that.
 
-    `_dp_step` pads at every world (except `--quick`). Up to 2026-12-05 it padded only where
-    every rank had its own core, on the default process group (padded there, DP, FSDP and PP
-    at world 4 were over-predicted by 17-29%); on the runner's groups (`runner_mesh`) the
-    unpadded synthetic FSDP step at world 4 paid 52-60 ms, the padded one 65-71 ms and
-    LSTM-tiny's real step 61-69 ms beyond its compute (2 units, 2 microbatches)."""
+    `_dp_step` pads only where every rank has its own core (or GPU): with more ranks than
+    cores the pads time-share the cores, the threads never idle, and the padded fit
+    over-predicted DP, FSDP and PP at world 4 on this host by 17-29% in median."""
     import torch
 
     class ComputePad(torch.nn.Module):
@@ -243,11 +220,13 @@ def measure_tp(settings: Settings) -> dict:
     collective each way, so their difference prices the ops and the rest the collectives.
     Each from the slope between 1 and 5 blocks, split and unsplit timed in pairs."""
     import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
                                                    RowwiseParallel, parallelize_module)
-    dev = settings.device
-    mesh = runner_mesh("tp", dev)["tp"]
+    dev, world = settings.device, dist.get_world_size()
+    mesh = init_device_mesh(dev, (world,))
 
     class Block(torch.nn.Module):
         def __init__(self, fan: int):
@@ -357,8 +336,9 @@ def measure_dtensor_optimizer(settings: Settings) -> float:
     """`optimizer_tensor_s` of 32 sharded distributed tensors (64 elements per rank)."""
     import torch
     import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
-    mesh = runner_mesh("fsdp", settings.device)["dp_shard_cp"]
+    mesh = init_device_mesh(settings.device, (dist.get_world_size(),))
     params = []
     for _ in range(32):
         full = torch.randn(64 * dist.get_world_size(), device=settings.device)
