@@ -383,6 +383,16 @@ def test_ddp_fixed_costs_are_charged_per_microbatch_per_tensor_and_step():
     assert step_s(fsdp, **some) == pytest.approx(step_s(fsdp, **none))
 
 
+def test_ddp_byte_cost_is_charged_per_gradient_byte_all_reduced():
+    graph, step_s = costmodel.graph("llama-tiny"), _llama_tiny_step_s
+    dp = "dp=2,mb=2,gbs=8,dtype=fp32"  # one stage: the rank holds every parameter
+    # fp32 gradients: 4 bytes a parameter, all-reduced once per step, 1 ns a byte
+    assert step_s(dp, ddp_byte_s=1e-9) == pytest.approx(step_s(dp, ddp_byte_s=0.0)
+                                                        + 4 * graph.params * 1e-9)
+    fsdp = "fsdp=2,mb=2,gbs=8,dtype=fp32"  # sharded: DDP's costs do not apply
+    assert step_s(fsdp, ddp_byte_s=1e-9) == pytest.approx(step_s(fsdp, ddp_byte_s=0.0))
+
+
 def test_tp_collective_cost_is_charged_per_tp_collective_call():
     from efficiency_support import with_efficiency
     cl = hardware.load_cpu_cluster(2)

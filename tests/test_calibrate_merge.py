@@ -116,3 +116,21 @@ def test_the_merged_host_world_is_the_calibrated_hosts_not_this_machines(shipped
     assert merged["host_level"]["size"] == 2
     assert merged["host_level"]["bandwidth_Bps"] == pytest.approx(
         shipped["host_level"]["bandwidth_Bps"])
+
+
+def test_ddp_figures_are_fitted_beyond_the_modelled_all_reduce(shipped):
+    from workbench.calibrate import Settings
+    from workbench.calibrate_collectives import _comm_model, fit_collectives, world_profile
+    raw = copy.deepcopy(shipped["measurement"]["raw"]["2"])
+    t = _comm_model(fit_collectives(raw["collectives"], 2), 2)
+    wire_s = t("all_reduce", 1.0) - t("all_reduce", 0.0)  # the fit's seconds per byte
+    assert wire_s > 0
+    settings = Settings(device="cpu", worlds=(2,))
+    raw["ddp"].update(step_s=5e-3, byte_s=wire_s + 1e-9)
+    eff = world_profile(raw, 2, settings, "stamp")["chip"]["efficiency"]
+    # the per-step figure less the all-reduce's fixed part (call + latency), the per-byte
+    # figure less its bandwidth part: 1 ns a byte of DDP's own
+    assert eff["ddp_step_s"] == pytest.approx(5e-3 - t("all_reduce", 0.0), rel=1e-12)
+    assert eff["ddp_byte_s"] == pytest.approx(1e-9, rel=1e-6)
+    raw["ddp"].update(byte_s=wire_s / 2)  # cheaper than the fitted collective: none left
+    assert world_profile(raw, 2, settings, "stamp")["chip"]["efficiency"]["ddp_byte_s"] == 0.0

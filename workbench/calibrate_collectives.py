@@ -327,8 +327,9 @@ def world_profile(m: dict, ranks: int, settings: Settings, stamp: str) -> dict:
             fsdp_tensor_s=fsdp["tensor_s"], fsdp_microbatch_s=fsdp["microbatch_s"],
             fsdp_step_s=fsdp["step_s"], fsdp_byte_s=fsdp["byte_s"],
             ddp_microbatch_s=m["ddp"]["microbatch_s"], ddp_tensor_s=m["ddp"]["tensor_s"],
-            ddp_step_s=max(0.0, m["ddp"]["step_s"]
-                           - t("all_reduce", m["ddp"]["bytes"])),
+            ddp_step_s=max(0.0, m["ddp"]["step_s"] - t("all_reduce", 0.0)),
+            ddp_byte_s=max(0.0, m["ddp"]["byte_s"]
+                           - (t("all_reduce", 1.0) - t("all_reduce", 0.0))),
             tp_op_fwd_s=max(0.0, tp["fwd_s"]), tp_op_bwd_s=max(0.0, tp["bwd_s"]),
             tp_collective_s=max(0.0, tp["collective_s"] - t("all_reduce", tp["allreduce_bytes"])),
             pp_action_s=max(0.0, (pp["per_microbatch_s"] - pp["stage_s"]) / 2

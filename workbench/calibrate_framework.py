@@ -170,13 +170,18 @@ def fsdp_fit(raw: dict, t) -> dict:
             "microbatch_s": float(micro_s), "step_s": float(step_s), "byte_s": float(byte_s)}
 
 
-DDP_SHAPES = ((1, 1), (8, 1), (4, 4), (8, 8), (16, 8))
-"""(units, layers per unit) of `measure_ddp`'s models: 4, 18, 34, 130 and 258 parameter
-tensors. Spread that wide so the per-tensor cost is not lost in the host's noise: over 6, 12
-and 18 tensors (the fit up to 2026-12-04) the same host fitted 0, 22, 66 and 76 us per tensor
-in four calibrations; over this spread, slopes of 5.7-8.1 us at world 2 and 19-21 us at
-world 4, the same at 1 and 2 microbatches (so the cost is per step, on the microbatch that
-synchronises, not per microbatch)."""
+DDP_SHAPES = ((1, 1, UNIT_WIDTH), (8, 1, UNIT_WIDTH), (4, 4, UNIT_WIDTH), (8, 8, UNIT_WIDTH),
+              (16, 8, UNIT_WIDTH), (2, 1, FSDP_WIDE), (8, 1, FSDP_WIDE))
+"""(units, layers per unit, features) of `measure_ddp`'s models: 4, 18, 34, 130 and 258
+parameter tensors of 1 KB layers, and 6 and 18 tensors of 257 KB layers (0.8 and 2.4 MB of
+gradients), so that a cost per tensor and one per gradient byte both stand out. Per tensor:
+over 6, 12 and 18 tensors (the fit up to 2026-12-04) the same host fitted 0, 22, 66 and 76 us
+per tensor in four calibrations; over this spread, slopes of 5.7-8.1 us at world 2 and 19-21
+us at world 4, the same at 1 and 2 microbatches (so the cost is per step, on the microbatch
+that synchronises, not per microbatch). Per byte: with 1 KB layers only (up to 2026-12-05)
+the fit had no bytes to see, and Llama-MoE-tiny's DDP step (1.6 MB of gradients) cost 7.7
+ms beyond its compute at world 2 against 4.1 ms predicted; 2.4 MB of synthetic gradients
+cost DDP 3.5 ms more than 10 KB, where the collectives fitted in a tight loop add 0.7 ms."""
 
 
 DDP_MICRO = (1, 2, 4)
@@ -190,18 +195,20 @@ under 1.2 ms. Four microbatches give the slope a longer lever."""
 def measure_ddp(settings: Settings) -> dict:
     """DDP's seconds beyond the plain model, fitted (>= 0) over `DDP_SHAPES` at `DDP_MICRO`
     microbatches: per microbatch (`microbatch_s`), per parameter tensor and step (`tensor_s`,
-    the gradient-ready hooks and bucket work of the microbatch that synchronises) and per
-    step (`step_s`, with the one bucket's all-reduce of the smallest model's `bytes` in it)."""
+    the gradient-ready hooks and bucket work of the microbatch that synchronises), per
+    gradient byte all-reduced (`byte_s`, the modelled all-reduce's bandwidth term in it) and
+    per step (`step_s`, the all-reduce's fixed part in it)."""
     rows, ys = [], []
     for micro in DDP_MICRO:
-        for units, layers in DDP_SHAPES:
-            extra = _dp_extra_s(units, micro, "ddp", settings, layers)
-            rows.append([micro, 2 * (units * layers + 1), 1.0])  # weight + bias per Linear
+        for units, layers, width in DDP_SHAPES:
+            extra = _dp_extra_s(units, micro, "ddp", settings, layers, width)
+            linears = units * layers + 1
+            # weight + bias per Linear; fp32 gradients, one bucket all-reduced per step
+            rows.append([micro, 2 * linears, 1.0, 4.0 * linears * (width * width + width)])
             ys.append(extra)
-    micro_s, tensor_s, step_s = nnls(rows, ys)
-    smallest = min(units * layers for units, layers in DDP_SHAPES) + 1
+    micro_s, tensor_s, step_s, byte_s = nnls(rows, ys)
     return {"microbatch_s": float(micro_s), "tensor_s": float(tensor_s), "step_s": float(step_s),
-            "bytes": smallest * (UNIT_WIDTH * UNIT_WIDTH + UNIT_WIDTH) * 4}
+            "byte_s": float(byte_s)}
 
 
 TP_INPUT = (2, 4, 16)

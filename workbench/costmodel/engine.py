@@ -29,7 +29,8 @@ so GPU predictions do not depend on them; a calibrated chip carries measured val
 - ring attention pays `cp_step_s` per K/V block step, (cp - 1) steps per pass;
 - every collective call pays `collective_call_s` on top of the link latency;
 - DDP pays `ddp_microbatch_s` per microbatch, `ddp_tensor_s` per parameter tensor and step
-  (gradient hooks of the microbatch that synchronises) and `ddp_step_s` per step, exposed;
+  (gradient hooks of the microbatch that synchronises), `ddp_byte_s` per gradient byte it
+  all-reduces and `ddp_step_s` per step, exposed;
 - each FSDP unit all-gather pays `fsdp_gather_s` plus `fsdp_tensor_s` per parameter tensor
   and `fsdp_byte_s` per byte it gathers, each unit gradient reduction `fsdp_reduce_s`
   (copy-in/out, hooks; `fsdp_reduce_s` includes the call's latency, which the one modelled
@@ -415,7 +416,7 @@ def _data_parallel(out, plans, cluster, opt, records, elem):
     m = plans.microbatches
     ddp = plain & (n_dp > 1)  # DDP's own costs: per microbatch, per tensor and step, per step
     ddp_s = np.where(ddp, m * eff.ddp_microbatch_s + out["stage_tensors"] * eff.ddp_tensor_s
-                     + eff.ddp_step_s, 0.0)
+                     + grads * eff.ddp_byte_s + eff.ddp_step_s, 0.0)
     if opt.overlap_dp:
         last_bucket = reduce_s * np.minimum(1.0, opt.bucket_bytes / np.maximum(grads, 1.0))
         hidden = overlap * np.minimum(reduce_s - last_bucket, out["stage_bwd_mb_s"])
