@@ -296,6 +296,26 @@ def test_quick_calibrate_writes_a_profile_the_cost_model_loads(tmp_path, capfd):
     from workbench.calibrate_models import model_key
     assert list(eff.model_passes_s) == [model_key(costmodel.graph(models.get("alexnet-tiny")), 2)]
     assert all(v > 0 for v in next(iter(eff.model_passes_s.values())))
+    # the host's speed on the reference work, before the first world and after the last
+    check = json.loads(out.read_text())["measurement"]["host_check"]
+    assert set(check) == {"start", "end", "change"}
+    assert set(check["change"]) == {"matmul_flops_per_s", "copy_Bps"}
+    assert all(check["start"][k] > 0 and check["end"][k] > 0 for k in check["change"])
+
+
+def test_host_drift_is_the_change_from_start_to_end_and_warns_beyond_the_limit():
+    from workbench.calibrate_drift import DRIFT_LIMITS, drift_warning, host_drift
+    assert DRIFT_LIMITS == {"matmul_flops_per_s": 0.08, "copy_Bps": 0.25}
+    start = {"matmul_flops_per_s": 100.0, "copy_Bps": 20.0}
+    still = host_drift(start, {"matmul_flops_per_s": 104.0, "copy_Bps": 17.0})
+    # 104 / 100 - 1 = +4% (limit 8%), 17 / 20 - 1 = -15% (limit 25%): both within
+    assert still["change"] == pytest.approx({"matmul_flops_per_s": 0.04, "copy_Bps": -0.15})
+    assert drift_warning(still) is None
+    slowed = host_drift(start, {"matmul_flops_per_s": 90.0, "copy_Bps": 12.0})  # -10%, -40%
+    message = drift_warning(slowed)
+    assert "matmul_flops_per_s -10% (limit 8%)" in message
+    assert "copy_Bps -40% (limit 25%)" in message and "--merge" in message
+    assert drift_warning(slowed, {"matmul_flops_per_s": 0.2, "copy_Bps": 0.5}) is None
 
 
 def _llama_tiny_step_s(plan: str, **figures) -> float:

@@ -412,15 +412,24 @@ def _host() -> str:
 def calibrate(settings: Settings, log=print) -> dict:
     """Measure every world of `settings` and return the profile file's content: `chip` and
     `host_level` of the one-rank-per-core world (the default cluster), `worlds` (every world
-    measured), `measurement` (when, where, the raw figures)."""
+    measured), `measurement` (when, where, the raw figures, and `host_check`: the host's speed
+    on a reference before and after, `calibrate_drift.py`, with a logged warning when it
+    moved)."""
     import torch
+    from .calibrate_drift import drift_warning, host_drift, measure_host
     stamp = utc_stamp()
     raw, own = {}, host_ranks(settings.device)
+    before = measure_host(settings)
     for ranks in sorted(set(settings.worlds) | ({own} if own > 1 else set())):
         log(f"world of {ranks} rank(s) on {settings.device}:")
         raw[str(ranks)] = merge_ranks(run_world(ranks, settings))
+    drift = host_drift(before, measure_host(settings))
+    warning = drift_warning(drift)
+    if warning:
+        log(warning)
     return profile_from_raw(raw, settings, stamp, {
-        "host": _host(), "torch": torch.__version__, "load_average": list(os.getloadavg())})
+        "host": _host(), "torch": torch.__version__, "load_average": list(os.getloadavg()),
+        "host_check": drift})
 
 
 def utc_stamp() -> str:

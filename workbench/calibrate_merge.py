@@ -72,7 +72,8 @@ def merge_profiles(profiles: list[dict], names: list[str] | None = None) -> dict
     settings = Settings(device=first["device"], worlds=worlds, quick=bool(first["quick"]))
     stamp = utc_stamp()
     merged_from = [{"file": name, "measured_at": m.get("measured_at"),
-                    "load_average": m.get("load_average")} for name, m in zip(names, meas)]
+                    "load_average": m.get("load_average"), "host_check": m.get("host_check")}
+                   for name, m in zip(names, meas)]
     host_world = (profiles[0].get("host_level") or {}).get("size")  # the calibrated host's
     profile = profile_from_raw(raw, settings, stamp, {
         "host": first.get("host"), "torch": first.get("torch"), "merged_from": merged_from},
