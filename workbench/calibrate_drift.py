@@ -17,33 +17,27 @@ from __future__ import annotations
 DRIFT_LIMITS = {"matmul_flops_per_s": 0.08, "copy_Bps": 0.25}
 """Relative change of each reference figure between the start and the end of a calibration
 beyond which `calibrate` warns: about twice the spread of six back-to-back checks on the
-quiet 2-core host (matmul 3.1%, copy 16.7%: the copy, like the calibration's own memory
-bandwidth, moves a lot with the host's neighbours)."""
+quiet 2-core host (matmul 3.2%, copy 13.8%: the copy, like the memory bandwidth it is,
+moves a lot with the host's neighbours)."""
 
 
 def measure_host(settings) -> dict[str, float]:
-    """The reference figures, one torch thread: `matmul_flops_per_s` (a 1024^3 fp32 matmul
-    on a CPU, 2048^3 on a GPU; 256^3 with --quick) and `copy_Bps` (a 64 MB copy, read and
-    write; 8 MB with --quick), each the median of 9 samples of 0.1 s (`time_call`; 3 of
-    2 ms with --quick): about 2 s."""
+    """The reference figures, one torch thread, measured as the calibration measures the
+    chip (`calibrate.measure_peak`'s fp32 matmul, `measure_memory_bandwidth`'s copy), each
+    the median of 9 samples of 0.1 s (3 of 2 ms with --quick): `matmul_flops_per_s`,
+    `copy_Bps`."""
     import dataclasses
     import torch
-    from .calibrate import time_call
+    from .calibrate import measure_memory_bandwidth, measure_peak
     settings = dataclasses.replace(settings, repeats=3 if settings.quick else 9,
                                    min_sample_s=0.002 if settings.quick else 0.1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        n = 256 if settings.quick else (2048 if settings.device == "cuda" else 1024)
-        a = torch.randn(n, n, device=settings.device)
-        flops = 2 * n**3 / time_call(lambda: torch.mm(a, a), settings)
-        elems = (8 if settings.quick else 64) * 2**20 // 4
-        src = torch.randn(elems, device=settings.device)
-        dst = torch.empty_like(src)
-        copy = 2 * 4 * elems / time_call(lambda: dst.copy_(src), settings)
+        return {"matmul_flops_per_s": float(measure_peak(settings)["fp32"]),
+                "copy_Bps": float(measure_memory_bandwidth(settings))}
     finally:
         torch.set_num_threads(threads)
-    return {"matmul_flops_per_s": float(flops), "copy_Bps": float(copy)}
 
 
 def host_drift(start: dict[str, float], end: dict[str, float]) -> dict:

@@ -61,8 +61,8 @@ def _dp_step(units: int, micro: int, mode: str, settings: Settings, layers: int 
             fully_shard(unit, mesh=mesh)
         fully_shard(model, mesh=mesh)
     elif mode == "ddp":
-        run = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False,
-                                                        gradient_as_bucket_view=True)
+        from .runner.parallelize import wrap_ddp
+        run = wrap_ddp(model)  # the default group: the calibration's 1-D world
     x = torch.randn(2, d, device=dev)
 
     def step():

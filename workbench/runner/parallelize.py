@@ -268,18 +268,24 @@ def apply_data_parallel(modules: list[nn.Module], units: list[nn.Module], plan: 
     if plan.dp_replicate > 1:
         if len(modules) != 1:
             raise ValueError("plain DDP wraps one module")
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        import warnings
-        with warnings.catch_warnings():  # the replacement keeps syncing buffers at init
-            warnings.simplefilter("ignore", FutureWarning)
-            ddp = DDP(modules[0], process_group=mesh["dp_cp"].get_group(),
-                      broadcast_buffers=False,        # buffers are constants (rotary tables)
-                      gradient_as_bucket_view=True)   # no second copy of the gradients
+        ddp = wrap_ddp(modules[0], mesh["dp_cp"].get_group())
         if counter is not None:
             from .comm_counter import ddp_counting_hook
             ddp.register_comm_hook(mesh["dp_cp"].get_group(), ddp_counting_hook(counter))
         return ddp
     return None
+
+
+def wrap_ddp(module: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
+    """`module` in DDP over `group` (None: the default group) as the runner's plans run it,
+    and the calibration's DDP model with them: buffers not broadcast (they are constants:
+    rotary tables), gradients as views of the buckets (no second copy)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    import warnings
+    with warnings.catch_warnings():  # the replacement keeps syncing buffers at init
+        warnings.simplefilter("ignore", FutureWarning)
+        return DDP(module, process_group=group, broadcast_buffers=False,
+                   gradient_as_bucket_view=True)
 
 
 def parallelize(model: nn.Module, plan: Plan, mesh: DeviceMesh, device: torch.device,
