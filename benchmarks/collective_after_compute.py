@@ -12,25 +12,16 @@ compute; this table shows how far a call's cost moves with the compute before it
 "What is still missing").
 """
 import argparse
-import statistics
-import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from workbench.calibrate_collectives import _timed
+from workbench.calibrate_framework import _paired
 from workbench.runner.launch import free_port, rank_environment
 
 MATMULS = (0, 1, 3, 10, 30)
-
-
-def _per_call_s(fn, calls: int) -> float:
-    """Seconds per call of `fn` over `calls` calls, every rank starting together."""
-    dist.barrier()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls
 
 
 def _rank(rank: int, world: int, port: int, samples: int, results) -> None:
@@ -50,12 +41,9 @@ def _rank(rank: int, world: int, port: int, samples: int, results) -> None:
             def both():
                 compute()
                 dist.all_reduce(payload, group=group)
-            calls = 40 if k < 10 else 15
-            both()
-            extra = [_per_call_s(both, calls) - _per_call_s(compute, calls)
-                     for _ in range(samples)]
-            rows.append((k, name, statistics.median(extra) * 1e3,
-                         _per_call_s(compute, calls) * 1e3))
+            calls = 40 if k < 10 else 15  # the calibration's paired timing: drifts cancel
+            rows.append((k, name, _paired(both, compute, "cpu", calls, samples) * 1e3,
+                         _timed(compute, "cpu", calls, 1) * 1e3))
     if rank == 0:
         results.put(rows)
     dist.barrier()
