@@ -107,3 +107,15 @@ def test_repredict_with_the_rounds_profiles_predicts_each_run_with_its_own(bench
     assert row["predicted_s"] == 0.008 and row["error_rel"] == pytest.approx(-0.2)
     with pytest.raises(SystemExit):
         bench.main(["--profiles", str(tmp_path)])  # only with --repredict
+
+
+def test_the_summary_keeps_the_families_the_fit_never_saw_apart(bench):
+    rows = [{"model": "gpt-tiny", "plan": "dp=2", "world": 2, "measured_s": 0.010,
+             "predicted_s": 0.011, "error_rel": 0.10},
+            {"model": "alexnet-tiny", "plan": "dp=2", "world": 2, "measured_s": 0.010,
+             "predicted_s": 0.008, "error_rel": -0.20}]
+    text = bench.table(rows, {"gpt"})
+    assert "families the fit saw at other shapes (gpt): 1 points: max |error| 10.0%" in text
+    assert "families the fit never saw: 1 points: max |error| 20.0%" in text
+    assert "2 points (0 failed): max |error| 20.0%" in text
+    assert "never saw" not in bench.table(rows, set())  # no fit: one summary

@@ -450,9 +450,9 @@ def write_profile(profile: dict, path: str | Path) -> None:
 def cmd_calibrate(args) -> int:
     """`workbench calibrate`: measure, write the profile, print where it went."""
     from .calibrate_collectives import calibrate
-    if args.merge:
-        from .calibrate_merge import cmd_merge
-        return cmd_merge(args)
+    if args.merge or args.profile:  # refit measured figures, measure nothing new but --fit-on
+        from .calibrate_fit import cmd_refit
+        return cmd_refit(args)
     try:
         settings = Settings(device=args.device, worlds=parse_worlds(args.world),
                             quick=args.quick, repeats=3 if args.quick else 7,
@@ -461,6 +461,9 @@ def cmd_calibrate(args) -> int:
         if settings.ops_for:
             from .calibrate_ops import study_ops
             study_ops(settings.ops_for)  # a bad study file fails here, before measuring
+        if args.fit_on:
+            from .calibrate_fit import check_fit_study
+            check_fit_study(args.fit_on)
     except (ValueError, OSError) as e:
         print(f"error: {e}")
         return 2
@@ -471,6 +474,9 @@ def cmd_calibrate(args) -> int:
             return 2
     start = time.perf_counter()
     profile = calibrate(settings)
+    if args.fit_on:
+        from .calibrate_fit import fit_for_args
+        profile = fit_for_args(profile, args)
     write_profile(profile, args.out)
     chip = profile["chip"]
     print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s: fp32 peak "
@@ -497,5 +503,10 @@ def add_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--merge", nargs="+", metavar="PROFILE",
                    help="measure nothing: fit one profile from the median of these "
                         "calibrations' raw figures (same host, --world, --quick, --ops-for)")
+    p.add_argument("--fit-on", metavar="STUDY", help="then train this study's points for real "
+                   "and scale the framework figures to them (calibrate_fit.py; "
+                   "studies/cpu-calibration.toml for the CPU loop)")
+    p.add_argument("--profile", metavar="PROFILE", help="measure nothing but --fit-on: start "
+                   "from this profile instead of a new calibration")
     p.set_defaults(func=cmd_calibrate)
     return p

@@ -222,7 +222,14 @@ def _worker(rank: int, world: int, port: int, settings: Settings, results) -> No
             os._exit(0)
 
 
-def run_world(ranks: int, settings: Settings, timeout_s: float = 1800.0) -> list[dict]:
+WORLD_TIMEOUT_S = 5400.0
+"""How long one world may measure before the calibration gives it up as hung. 1800 s was too
+short for world 4 on a slow spell of the 2-core host (2026-12-06: matmul 53 GFLOP/s, copy 10
+GB/s, against 86-103 and 28-31 the day before; with both CPU studies' ops it was still in
+its last framework round after 30 minutes)."""
+
+
+def run_world(ranks: int, settings: Settings, timeout_s: float = WORLD_TIMEOUT_S) -> list[dict]:
     """Run `measure_rank` on `ranks` concurrent processes; every rank's figures, by rank.
     RuntimeError naming the rank when one fails."""
     import torch.multiprocessing as mp
@@ -243,9 +250,13 @@ def run_world(ranks: int, settings: Settings, timeout_s: float = 1800.0) -> list
                 rank, status, payload = results.get(timeout=1.0)
             except queue_mod.Empty:
                 dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
-                if dead or time.monotonic() > deadline:
-                    raise RuntimeError(f"calibrate: rank {dead[0] if dead else '?'} died or the "
-                                       f"world did not finish in {timeout_s:.0f} s") from None
+                if dead:
+                    raise RuntimeError(f"calibrate: rank {dead[0]} of the world of {ranks} "
+                                       f"died (exit code {procs[dead[0]].exitcode})") from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"calibrate: the world of {ranks} ranks did not finish "
+                                       f"in {timeout_s:.0f} s (WORLD_TIMEOUT_S): a hung "
+                                       f"collective, or a host too slow for it") from None
                 continue
             if status == "error":
                 raise RuntimeError(f"calibrate: rank {rank} failed: {payload}")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 __all__ = ["DTYPES", "Chip", "Level", "Cluster", "chip", "chip_for_nvml_name", "cluster",
            "list_presets", "load_chip", "save_chip", "load_cluster", "save_cluster",
-           "load_cpu_chip", "load_cpu_cluster", "calibrated_worlds", "is_calibration_file",
+           "load_cpu_chip", "load_cpu_cluster", "cpu_cluster_from_data", "check_cpu_data", "calibrated_worlds", "is_calibration_file",
            "chip_from_dict", "chip_to_dict",
            "cluster_from_dict", "cluster_to_dict"]
 
@@ -43,8 +43,12 @@ def _cpu_file(path: str | Path | None) -> dict:
     """The calibration file, checked: `chip`, `host_level`, optional `worlds` and a free-form
     `measurement` record."""
     source = Path(path) if path is not None else resources.files("workbench") / "data/cpu.json"
-    where = f"{path or 'cpu.json'}"
-    data = json.loads(source.read_text())
+    return check_cpu_data(json.loads(source.read_text()), f"{path or 'cpu.json'}")
+
+
+def check_cpu_data(data: dict, where: str = "profile") -> dict:
+    """A calibration profile's contents (`data`, read from `where`), checked: `chip`,
+    `host_level`, optional `worlds` and a free-form `measurement` record."""
     _keys(data, where, ("chip", "host_level", "measurement"), ("worlds",))
     if not isinstance(data["measurement"], dict):
         raise ValueError(f"{where}: measurement must be a table/object")
@@ -78,7 +82,12 @@ def load_cpu_cluster(n_chips: int | None = None, path: str | Path | None = None)
 
     Uses the figures measured with exactly `n_chips` concurrent ranks when the file has them
     (`worlds`), else the one-rank-per-core figures for up to as many ranks as cores."""
-    data, where = _cpu_file(path), path or "cpu.json"
+    return cpu_cluster_from_data(_cpu_file(path), n_chips, f"{path or 'cpu.json'}")
+
+
+def cpu_cluster_from_data(data: dict, n_chips: int | None = None,
+                          where: str = "profile") -> Cluster:
+    """`load_cpu_cluster` of a profile already read (and checked: `check_cpu_data`)."""
     level = _level_from_dict(data["host_level"], f"{where}: host_level")
     n = level.size if n_chips is None else _num(n_chips, "n_chips", integer=True)
     for i, w in enumerate(data.get("worlds", [])):
@@ -92,7 +101,7 @@ def load_cpu_cluster(n_chips: int | None = None, path: str | Path | None = None)
                            source=f"{n} processes on one host over loopback gloo, measured "
                                   f"together; {wl.source}")
     if n > level.size:
-        extra = calibrated_worlds(path)
+        extra = sorted(w["ranks"] for w in data.get("worlds", []))
         raise ValueError(f"cpu cluster: n_chips ({n}) must be <= {level.size}, the cores of the "
                          f"calibrated host (one rank per core)"
                          + (f", or a world size calibrated with shared cores "

@@ -1,0 +1,145 @@
+"""The real-model framework fit (`workbench calibrate --fit-on`, calibrate_fit.py)."""
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from workbench import calibrate_fit as cf
+from workbench import cli
+from workbench.models import flavours
+from workbench.study import load
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RUNS = [  # tiny points exercising DDP, FSDP and TP at both calibrated worlds
+    {"model": "lstm-tiny", "overrides": {"dropout": 0.0}, "plan": "dp=2,gbs=4,dtype=fp32",
+     "world": 2},
+    {"model": "lstm-tiny", "overrides": {"dropout": 0.0}, "plan": "fsdp=2,gbs=4,dtype=fp32",
+     "world": 2},
+    {"model": "gpt-tiny", "overrides": {"layers": 2, "tied": False, "dropout": 0.0},
+     "plan": "fsdp=2,gbs=4,dtype=fp32", "world": 2},
+    {"model": "gpt-tiny", "overrides": {"layers": 2, "tied": False, "dropout": 0.0},
+     "plan": "tp=2,gbs=2,dtype=fp32", "world": 2},
+    {"model": "lstm-tiny", "overrides": {"dropout": 0.0}, "plan": "fsdp=4,gbs=8,dtype=fp32",
+     "world": 4},
+    {"model": "resnet-tiny", "overrides": {}, "plan": "fsdp=4,gbs=8,dtype=fp32", "world": 4},
+    {"model": "gpt-tiny", "overrides": {"layers": 2, "tied": False, "dropout": 0.0},
+     "plan": "tp=4,gbs=2,dtype=fp32", "world": 4},
+    {"model": "llama-tiny", "overrides": {"layers": 2, "kv_heads": 4},
+     "plan": "tp=4,gbs=2,dtype=fp32", "world": 4},
+]
+
+
+@pytest.fixture(scope="module")
+def shipped() -> dict:
+    profile = json.loads((resources.files("workbench") / "data/cpu.json").read_text())
+    profile["measurement"].pop("framework_fit", None)  # start from the synthetic figures
+    return profile
+
+
+def measured_with(profile: dict, scales: dict[int, dict[str, float]]) -> list[dict]:
+    """RUNS 'measured' as the cost model predicts them with the figures scaled by `scales`."""
+    truth = cf.scaled_profile(profile, scales, cf.unscaled_figures(profile))
+    times = cf._predictor(RUNS)(truth)
+    return [{**r, "step_time_s": float(t), "steps": 6} for r, t in zip(RUNS, times)]
+
+
+def test_the_fit_recovers_the_scales_the_runs_were_made_with(shipped):
+    truth = {2: {"fsdp_call": 1.3}, 4: {"fsdp_call": 0.7, "tp_collective": 0.6}}
+    fit = cf.fit_scales(shipped, measured_with(shipped, truth))
+    # exact data: the residuals vanish at the truth; the prior pulls the scales toward 1 by
+    # a little, so the predictions match to better than 1% and the scales to about 5% (TP's
+    # per-collective scale to about 10%: two TP runs, and its per-op group shares the work)
+    for w in (2, 4):
+        assert max(abs(e) for e in fit["error_after"][w]) < 0.01
+    assert fit["scales"][4]["fsdp_call"] == pytest.approx(0.7, rel=0.05)
+    assert fit["scales"][4]["tp_collective"] == pytest.approx(0.6, rel=0.12)
+    assert fit["scales"][2]["fsdp_call"] == pytest.approx(1.3, rel=0.05)
+    assert max(abs(e) for e in fit["error_before"][4]) > 0.1  # the fit had work to do
+
+
+def test_a_group_no_run_exercises_keeps_its_synthetic_level(shipped):
+    fit = cf.fit_scales(shipped, measured_with(shipped, {4: {"fsdp_call": 0.7}}))
+    # no PP or CP run: the prior alone speaks, and log(scale) = 0 is its minimum
+    assert fit["scales"][2]["pp_action"] == 1.0 and fit["scales"][4]["cp_step"] == 1.0
+
+
+def test_applying_a_fit_twice_does_not_compound(shipped):
+    runs = measured_with(shipped, {4: {"fsdp_call": 0.7}})
+    once = cf.apply_fit(shipped, runs, "studies/cpu-calibration.toml")
+    twice = cf.apply_fit(once, runs, "studies/cpu-calibration.toml")
+    w4 = [w for w in twice["worlds"] if w["ranks"] == 4][0]["chip"]["efficiency"]
+    w4_once = [w for w in once["worlds"] if w["ranks"] == 4][0]["chip"]["efficiency"]
+    assert w4["fsdp_gather_s"] == pytest.approx(w4_once["fsdp_gather_s"], rel=1e-6)
+    unscaled = once["measurement"]["framework_fit"]["unscaled"]["4"]["fsdp_gather_s"]
+    scale = once["measurement"]["framework_fit"]["scales"]["4"]["fsdp_call"]
+    assert w4_once["fsdp_gather_s"] == pytest.approx(unscaled * scale, rel=1e-12)
+    assert w4["source"].count("Framework figures scaled") == 1
+    assert "cpu-calibration.toml" in w4["source"]
+
+
+def test_bad_fits_are_refused_with_the_reason(shipped):
+    with pytest.raises(ValueError, match="no runs"):
+        cf.fit_scales(shipped, [])
+    with pytest.raises(ValueError, match="world 8 has runs but the profile has no figures"):
+        cf.fit_scales(shipped, [{**RUNS[0], "world": 8, "step_time_s": 0.01}])
+
+
+def test_the_calibration_study_is_held_apart_from_the_validation():
+    fit = load(ROOT / "studies/cpu-calibration.toml")
+    val = load(ROOT / "studies/cpu-validation.toml")
+    key = lambda p: (p.model, tuple(sorted(p.overrides.items())), p.plan, p.chips)  # noqa: E731
+    assert not {key(p) for p in fit.points} & {key(p) for p in val.points}
+    fam = lambda pts: {flavours()[p.model].family for p in pts}  # noqa: E731
+    assert fam(fit.points) == {"gpt", "llama", "resnet", "vgg", "lstm", "detr"}
+    assert len(fam(val.points)) == 16 and len(fam(val.points) - fam(fit.points)) == 10
+    cf.check_fit_study(str(ROOT / "studies/cpu-calibration.toml"))
+
+
+def test_cli_refuses_a_profile_without_a_fit_and_a_study_that_searches(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    assert cli.main(["calibrate", "--profile", "workbench/data/cpu.json", "--out",
+                     str(out)]) == 2
+    assert "--profile needs --fit-on" in capsys.readouterr().out
+    study = tmp_path / "s.toml"
+    study.write_text((ROOT / "studies/cpu-calibration.toml").read_text().replace(
+        'plans = ["pp=*,mb=1,dtype=fp32"]', 'plans = ["search"]'))
+    assert cli.main(["calibrate", "--profile", "workbench/data/cpu.json", "--fit-on",
+                     str(study), "--out", str(out)]) == 2
+    assert "searches its plan" in capsys.readouterr().out
+    assert not out.exists()
+
+
+def test_cli_fits_a_profile_to_real_runs(tmp_path, capsys):
+    study = tmp_path / "one.toml"  # one real DDP run at world 2 (~10 s)
+    study.write_text("""
+[study]
+name = "one"
+question = "q"
+do = ["run"]
+[cluster]
+preset = "cpu"
+[run]
+steps = 2
+warmup = 1
+[[grids]]
+models = [{ name = "lstm-tiny", set = { dropout = 0.0 } }]
+[grids.sweep]
+chips = [2]
+global_batch_per_chip = 2
+[grids.plan]
+plans = ["dp=*,mb=1,dtype=fp32"]
+""")
+    out = tmp_path / "fitted.json"
+    assert cli.main(["calibrate", "--profile", "workbench/data/cpu.json", "--fit-on",
+                     str(study), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "fit run 1/1: lstm-tiny" in text and "world 2: ddp x" in text
+    fit = json.loads(out.read_text())["measurement"]["framework_fit"]
+    assert [r["model"] for r in fit["runs"]] == ["lstm-tiny"] and fit["runs"][0]["step_time_s"] > 0
+    assert set(fit["scales"]) == {"2"}
+    # the one run's error can only shrink
+    assert abs(fit["error_after"]["2"][0]) <= abs(fit["error_before"]["2"][0]) + 1e-9

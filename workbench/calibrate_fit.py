@@ -1,0 +1,314 @@
+"""`workbench calibrate --fit-on STUDY`: the level of the framework figures, from real models.
+
+The calibration prices DDP, FSDP, tensor, context and pipeline parallelism with tiny
+synthetic models (`calibrate_framework.py`, `calibrate_collectives.py`): stacks of Linear
+layers whose ranks do little but communicate. Their fits tell how a framework's cost splits
+(per call, per tensor, per byte, per microbatch), but on a host whose ranks share cores the
+level is off for real models: with 4 ranks on the 2-core development host the shipped
+profile over-predicted FSDP, TP and CP at world 4 in every validation of 2026-12-05 (median
+of nine sets of runs: FSDP +8%, TP +16%, CP +17%), and no setting of the synthetic models
+(process group, compute between calls) priced both worlds.
+
+So this step trains the points of a *calibration study* for real (`runner.run`, as the
+validation does) and fits, per world, one scale per group of framework figures
+(`FIT_GROUPS`) so that the cost model's step times match the measured ones: least squares on
+the relative error, with a weak prior that pulls every scale toward 1 (a group no run
+exercises keeps its synthetic level) and bounds `SCALE_BOUNDS`. The scaled figures replace
+the synthetic ones in the profile; the synthetic ones (`unscaled`), the scales, the runs and
+the relative errors before and after are kept in `measurement.framework_fit`, and a profile
+fitted again starts from its unscaled figures.
+
+The calibration study must be held apart from what is validated: `studies/cpu-calibration.toml`
+uses other shapes than `studies/cpu-validation.toml` and 6 of its 16 model families, so 10
+families of the validation are never seen by the fit (`benchmarks/cpu_validation.py`
+reports them apart). Its models' whole microbatches must be measured too (`--ops-for` it
+as well as the validated study), or the fit absorbs the compute's own error.
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+FIT_GROUPS = {
+    "ddp": ("ddp_microbatch_s", "ddp_tensor_s", "ddp_byte_s", "ddp_step_s"),
+    "fsdp_call": ("fsdp_gather_s", "fsdp_reduce_s", "fsdp_microbatch_s", "fsdp_step_s"),
+    "per_tensor": ("fsdp_tensor_s", "optimizer_dtensor_s"),
+    "tp_collective": ("tp_collective_s",),
+    "tp_op": ("tp_op_fwd_s", "tp_op_bwd_s"),
+    "cp_step": ("cp_step_s",),
+    "pp_action": ("pp_action_s",),
+}
+"""Groups of framework figures (`ChipEfficiency` fields) that share one scale: DDP's costs;
+FSDP's costs per call (gathers, reductions: they come in a fixed ratio per unit, so one
+scale), per microbatch and step; the cost per distributed-tensor parameter (FSDP's gathered
+tensors and the optimizer's step on distributed tensors: FSDP and TP both); TP's cost per
+collective call and per op on distributed-tensor weights; ring attention's cost per block
+step; the pipeline's cost per action. FSDP's cost per byte, the collectives' fit, the kernels
+and the overlap keep their synthetic values."""
+
+SCALE_BOUNDS = (0.25, 4.0)
+"""The range a scale may take: a fit that wants more than 4x off the synthetic level says
+the model is missing something, not that the level is off."""
+
+PRIOR_WEIGHT = 0.07
+"""Weight of the prior pulling each scale toward 1, in units of relative error per unit of
+log scale: a scale of 1.5 (log 0.41) costs as much as one run 2.8% off; a group the runs
+barely see stays near 1."""
+
+
+def scaled_profile(profile: dict, scales: dict[int, dict[str, float]],
+                   unscaled: dict[int, dict[str, float]]) -> dict:
+    """A copy of `profile` whose world `w` figures are `unscaled[w][figure] x scales[w][group]`
+    (the top-level chip, the one-rank-per-core world, with its world's)."""
+    out = copy.deepcopy(profile)
+    host = out["host_level"]["size"]
+    chips = [(w["ranks"], w["chip"]) for w in out.get("worlds", [])] + [(host, out["chip"])]
+    for ranks, chip in chips:
+        if ranks not in scales:
+            continue
+        eff = chip["efficiency"]
+        for group, figures in FIT_GROUPS.items():
+            for fig in figures:
+                if fig in unscaled[ranks]:
+                    eff[fig] = unscaled[ranks][fig] * scales[ranks].get(group, 1.0)
+    return out
+
+
+def unscaled_figures(profile: dict) -> dict[int, dict[str, float]]:
+    """Per world, the synthetic figures of `FIT_GROUPS`: the profile's own, or those kept by
+    an earlier fit (`measurement.framework_fit.unscaled`), so that fits do not compound."""
+    kept = (profile.get("measurement") or {}).get("framework_fit", {}).get("unscaled")
+    if kept:
+        return {int(w): dict(v) for w, v in kept.items()}
+    return {w["ranks"]: {f: float(w["chip"]["efficiency"].get(f, 0.0))
+                         for figs in FIT_GROUPS.values() for f in figs}
+            for w in profile.get("worlds", [])}
+
+
+def _predictor(runs: list[dict]) -> Callable[[dict], np.ndarray]:
+    """predict(profile) -> the cost model's step seconds of every run (graphs built once)."""
+    from . import costmodel, hardware, models
+    graphs = [costmodel.graph(models.get(r["model"], **r.get("overrides", {}))) for r in runs]
+
+    def predict(profile: dict) -> np.ndarray:
+        clusters = {}
+        out = []
+        for r, g in zip(runs, graphs):
+            if r["world"] not in clusters:
+                clusters[r["world"]] = hardware.cpu_cluster_from_data(profile, r["world"])
+            out.append(costmodel.estimate(g, r["plan"], clusters[r["world"]]).step_time_s)
+        return np.array(out)
+    return predict
+
+
+def _solve_log_scales(t0, jac, measured, theta0, lo, hi, iterations: int = 50):
+    """Minimise |(t0 + jac (exp(theta) - exp(theta0))) / measured - 1|^2 + |PRIOR_WEIGHT
+    theta|^2 over theta in [lo, hi] (Gauss-Newton with damping, on the linear model of the
+    step times around theta0: pure arithmetic, no cost-model calls)."""
+    s0 = np.exp(theta0)
+
+    def parts(theta):
+        r = (t0 + jac @ (np.exp(theta) - s0)) / measured - 1
+        return r, float(r @ r + (PRIOR_WEIGHT * theta) @ (PRIOR_WEIGHT * theta))
+    theta, damping = theta0.copy(), 1e-4
+    r, cost = parts(theta)
+    for _ in range(iterations):
+        j = jac * np.exp(theta)[None, :] / measured[:, None]  # d r / d theta
+        a = np.vstack([j, PRIOR_WEIGHT * np.eye(len(theta))])
+        b = -np.concatenate([r, PRIOR_WEIGHT * theta])
+        delta = np.linalg.solve(a.T @ a + damping * np.eye(len(theta)), a.T @ b)
+        new = np.clip(theta + delta, lo, hi)
+        r_new, cost_new = parts(new)
+        if cost_new < cost:
+            theta, r, cost, damping = new, r_new, cost_new, damping / 3
+            if np.abs(delta).max() < 1e-5:
+                break
+        else:
+            damping *= 10
+    return theta
+
+
+def fit_scales(profile: dict, runs: list[dict], passes: int = 2) -> dict:
+    """Fit one scale per `FIT_GROUPS` group and world to measured `runs` ({model, overrides,
+    plan, world, step_time_s}). Per world: the cost model's step times and their slopes in
+    every group's scale (a step of 5%) give a linear model, solved for the log scales that
+    minimise the relative errors (prediction / measured - 1) plus the prior `PRIOR_WEIGHT` x
+    log(scale), within `SCALE_BOUNDS`; `passes` times, each linearised at the last answer
+    (the step time is linear in most figures: the overlap and the shared-core pipeline bend
+    it a little). Returns {scales, unscaled, error_before, error_after} (per world; errors
+    per run, in run order, from the cost model itself)."""
+    if not runs:
+        raise ValueError("--fit-on: the study has no runs to fit the framework figures to")
+    unscaled = unscaled_figures(profile)
+    worlds = sorted({r["world"] for r in runs})
+    missing = [w for w in worlds if w not in unscaled]
+    if missing:
+        raise ValueError(f"--fit-on: world {missing[0]} has runs but the profile has no "
+                         f"figures for it (worlds: {sorted(unscaled)}); calibrate it first")
+    groups = list(FIT_GROUPS)
+    lo, hi = np.log(SCALE_BOUNDS[0]), np.log(SCALE_BOUNDS[1])
+    scales = {w: {g: 1.0 for g in groups} for w in unscaled}
+    before, after = {}, {}
+    for w in worlds:
+        sub = [r for r in runs if r["world"] == w]
+        measured = np.array([r["step_time_s"] for r in sub], dtype=float)
+        predict = _predictor(sub)
+
+        def times(theta):
+            trial = {**scales, w: dict(zip(groups, np.exp(theta)))}
+            return predict(scaled_profile(profile, trial, unscaled))
+
+        theta = np.zeros(len(groups))
+        t0 = times(theta)
+        before[w] = (t0 / measured - 1).tolist()
+        for _ in range(passes):
+            jac = np.zeros((len(sub), len(groups)))
+            for j in range(len(groups)):
+                step = theta.copy()
+                step[j] = np.log(np.exp(theta[j]) * 1.05)
+                jac[:, j] = (times(step) - t0) / (0.05 * np.exp(theta[j]))  # d t / d scale
+            active = np.abs(jac).max(axis=0) > 0  # groups no run exercises stay at 1
+            theta_new = theta.copy()
+            if active.any():
+                theta_new[active] = _solve_log_scales(t0, jac[:, active], measured,
+                                                      theta[active], lo, hi)
+            theta, t0 = theta_new, times(theta_new)
+        scales[w] = dict(zip(groups, np.exp(theta).round(4).tolist()))
+        after[w] = (t0 / measured - 1).tolist()
+    return {"scales": {w: scales[w] for w in worlds}, "unscaled": unscaled,
+            "error_before": before, "error_after": after}
+
+
+def apply_fit(profile: dict, runs: list[dict], study: str = "") -> dict:
+    """`profile` with its framework figures scaled to `runs` (`fit_scales`), the fit kept in
+    `measurement.framework_fit` and named in every scaled chip's efficiency source."""
+    fit = fit_scales(profile, runs)
+    out = scaled_profile(profile, fit["scales"], fit["unscaled"])
+    from .calibrate_collectives import utc_stamp
+    stamp = utc_stamp()
+    out["measurement"]["framework_fit"] = {
+        "study": study, "fitted_at": stamp, "groups": {g: list(f) for g, f in FIT_GROUPS.items()},
+        "scales": {str(w): s for w, s in fit["scales"].items()},
+        "unscaled": {str(w): v for w, v in fit["unscaled"].items()},
+        "error_before": {str(w): e for w, e in fit["error_before"].items()},
+        "error_after": {str(w): e for w, e in fit["error_after"].items()},
+        "runs": runs}
+    host = out["host_level"]["size"]
+    chips = [(w["ranks"], w["chip"]) for w in out.get("worlds", [])] + [(host, out["chip"])]
+    for ranks, chip in chips:
+        if ranks in fit["scales"]:
+            s = fit["scales"][ranks]
+            note = (f" Framework figures scaled to {sum(r['world'] == ranks for r in runs)} real "
+                    f"runs of {Path(study).name or 'a calibration study'} ({stamp}, "
+                    f"workbench calibrate --fit-on): "
+                    + ", ".join(f"{g} x{v:.2f}" for g, v in s.items()) + ".")
+            src = chip["efficiency"].get("source", "")
+            chip["efficiency"]["source"] = src.split(" Framework figures scaled")[0] + note
+    return out
+
+
+def measure_runs(study_path: str, log: Callable[[str], None] = print,
+                 steps: int | None = None, min_timed_s: float | None = None) -> list[dict]:
+    """Train every point of a study for real (`runner.run`, the study's `[run]` settings), in
+    fresh processes, one after the other: [{model, overrides, plan, world, step_time_s,
+    steps}]. A point that fails is a ValueError naming it: a fit on part of the study would
+    be a fit of another study."""
+    from .runner import run
+    from .study import load
+    study = load(study_path)
+    cfg = study.run
+    out, start = [], time.perf_counter()
+    for i, p in enumerate(study.points):
+        try:
+            res = run(p.model, p.plan, p.chips, overrides=p.overrides,
+                      steps=steps or cfg.steps, warmup=cfg.warmup,
+                      min_timed_s=cfg.min_timed_s if min_timed_s is None else min_timed_s,
+                      timeout_s=300)
+        except Exception as e:
+            raise ValueError(f"--fit-on {study_path}: {p.model} {p.plan} at {p.chips} ranks "
+                             f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
+        out.append({"model": p.model, "overrides": dict(p.overrides), "plan": p.plan,
+                    "world": p.chips, "step_time_s": res["step_time_s"],
+                    "steps": len(res["step_times_s"])})
+        done = time.perf_counter() - start
+        log(f"  fit run {i + 1}/{len(study.points)}: {p.model} {p.plan} x{p.chips}: "
+            f"{res['step_time_s'] * 1e3:.1f} ms (eta {done / (i + 1) * (len(study.points) - i - 1):.0f} s)")
+    return out
+
+
+def fit_summary(fit: dict) -> str:
+    """Lines saying each world's scales and the runs' median |error| before and after."""
+    lines = []
+    for w, s in fit["scales"].items():
+        b = statistics.median(abs(x) for x in fit["error_before"][w])
+        a = statistics.median(abs(x) for x in fit["error_after"][w])
+        lines.append(f"world {w}: " + ", ".join(f"{g} x{v:.2f}" for g, v in s.items())
+                     + f"; median |error| of its runs {b:.1%} -> {a:.1%}")
+    return "\n".join(lines)
+
+
+def check_fit_study(path: str) -> None:
+    """ValueError (naming the file) unless `path` is a study whose points all have a plan
+    (no `search`) and run on the cpu cluster."""
+    from .study import load
+    study = load(path)
+    for p in study.points:
+        if p.plan is None:
+            raise ValueError(f"--fit-on {path}: {p.model} searches its plan; a calibration "
+                             f"study names every plan")
+        if p.cluster != "cpu":
+            raise ValueError(f"--fit-on {path}: {p.model} runs on cluster {p.cluster!r}; a "
+                             f"calibration study runs on this host (cluster preset 'cpu')")
+
+
+def fit_for_args(profile: dict, args, log: Callable[[str], None] = print) -> dict:
+    """`apply_fit` of the runs of `args.fit_on` (measured now) to `profile`."""
+    log(f"training {args.fit_on}'s points for the framework fit")
+    runs = measure_runs(args.fit_on, log)
+    out = apply_fit(profile, runs, args.fit_on)
+    fit = out["measurement"]["framework_fit"]
+    log(fit_summary({k: {int(w): v for w, v in fit[k].items()}
+                     for k in ("scales", "error_before", "error_after")}))
+    return out
+
+
+def cmd_refit(args) -> int:
+    """`workbench calibrate --merge A.json B.json ...` or `--profile P.json`, each optionally
+    with `--fit-on STUDY`: refit or load, fit to the study's runs, write `--out`."""
+    import json
+    from .calibrate import write_profile
+    from .calibrate_merge import merge_files
+    try:
+        if args.merge and args.profile:
+            raise ValueError("--merge and --profile both name the starting profile: give one")
+        if args.profile and not args.fit_on:
+            raise ValueError("--profile needs --fit-on STUDY (there is nothing else to do)")
+        if args.fit_on:
+            check_fit_study(args.fit_on)
+        if args.merge:
+            profile = merge_files(args.merge)
+        else:
+            try:
+                profile = json.loads(Path(args.profile).read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise ValueError(f"--profile {args.profile}: cannot read it as a profile "
+                                 f"({e})") from e
+            from .hardware import check_cpu_data
+            check_cpu_data(profile, f"--profile {args.profile}")
+        if args.fit_on:
+            profile = fit_for_args(profile, args)
+        write_profile(profile, args.out)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}")
+        return 2
+    what = (f"the median of {len(args.merge)} calibrations' raw figures, refitted"
+            if args.merge else f"{args.profile}")
+    print(f"wrote {args.out}: {what}" + (f", framework figures fitted to {args.fit_on}"
+                                          if args.fit_on else "")
+          + f"; worlds {', '.join(str(w['ranks']) for w in profile['worlds'])}")
+    return 0
