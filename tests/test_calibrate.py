@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from workbench import calibrate, calibrate_blocks, costmodel, hardware, models
+from workbench import calibrate, calibrate_blocks, calibrate_cli, costmodel, hardware, models
 from workbench.calibrate_collectives import fit_collectives, merge_ranks
 from workbench.calibrate_ops import op_key
 from workbench.costmodel.efficiency import (Curve, efficiency_for, efficiency_from_dict,
@@ -115,7 +115,7 @@ def _profile(efficiency=None) -> dict:
 
 def test_profile_round_trip_gives_the_same_clusters_and_efficiency(tmp_path):
     path = tmp_path / "profile.json"
-    calibrate.write_profile(_profile(), path)
+    calibrate_cli.write_profile(_profile(), path)
     host = hardware.load_cpu_cluster(path=path)
     assert host.n_chips == 2 and host.levels[0].latency_s == 1e-4
     four = hardware.load_cpu_cluster(4, path=path)
@@ -161,7 +161,7 @@ def test_bad_profile_fields_are_named(tmp_path, change, message):
 
 def test_an_uncalibrated_world_is_refused_with_the_rule(tmp_path):
     path = tmp_path / "profile.json"
-    calibrate.write_profile(_profile(), path)
+    calibrate_cli.write_profile(_profile(), path)
     with pytest.raises(ValueError, match=r"n_chips \(3\) must be <= 2, the cores of the calibrated "
                                          r"host .*calibrated with shared cores \(2, 4\)"):
         hardware.load_cpu_cluster(3, path=path)
@@ -173,7 +173,7 @@ def test_prediction_uses_the_calibrated_figures(tmp_path):
     # Synthetic profile: every curve e = 0.5 (no F_half, no width term), linear dispatch 20 us
     # forward / 40 us backward, every other kind 10 us, memory 1e10 B/s; peak 1e11 FLOP/s.
     path = tmp_path / "profile.json"
-    calibrate.write_profile(_profile(), path)
+    calibrate_cli.write_profile(_profile(), path)
     cluster = hardware.load_cpu_cluster(2, path=path)
     cfg = models.get("llama-tiny")
     graph = costmodel.graph(cfg)
@@ -249,7 +249,7 @@ def test_the_default_cpu_profile_is_calibrated():
 
 def _parser():
     p = argparse.ArgumentParser()
-    calibrate.add_command(p.add_subparsers())
+    calibrate_cli.add_command(p.add_subparsers())
     return p
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from workbench import calibrate, hardware
+from workbench import calibrate, calibrate_cli, hardware
 from workbench.calibrate_merge import merge_files, merge_profiles
 from workbench.costmodel.efficiency import efficiency_for
 
@@ -86,7 +86,7 @@ def test_merge_command_writes_a_profile_the_cost_model_loads(tmp_path, shipped, 
     for path, factor in ((a, 1.0), (b, 2.0), (c, 0.9)):
         path.write_text(json.dumps(_scaled(shipped, factor)))
     sub = argparse.ArgumentParser().add_subparsers()
-    calibrate.add_command(sub)
+    calibrate_cli.add_command(sub)
     parser = sub.choices["calibrate"]
     args = parser.parse_args(["--merge", str(a), str(b), str(c), "--out", str(out)])
     assert args.func(args) == 0

@@ -27,13 +27,9 @@ sample lasts a fixed wall time, so all ranks stay busy together):
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -414,99 +410,3 @@ def measure_optimizer(settings: Settings) -> dict:
     n = 2**16 if settings.quick else 2**18
     big = optimizer_tensor_s(params(4, n), settings)
     return {"tensor_s": tensor_s, "param_s": max(0.0, big - tensor_s) / n}
-
-
-# ----------------------------------------------------------------------------- command line
-
-def parse_worlds(text: str) -> tuple[int, ...]:
-    """`"2,4"` -> (2, 4); ValueError naming `--world` for anything else."""
-    try:
-        worlds = tuple(int(w) for w in str(text).split(",") if w.strip())
-    except ValueError:
-        raise ValueError(f"--world must be comma-separated integers, got {text!r}") from None
-    if not worlds or min(worlds) < 1:
-        raise ValueError(f"--world must list world sizes >= 1, got {text!r}")
-    return worlds
-
-
-def write_profile(profile: dict, path: str | Path) -> None:
-    """Write a profile (JSON), after checking that it loads as a cluster."""
-    from . import hardware
-    path = Path(path)
-    if path.suffix != ".json":
-        raise ValueError(f"--out {path}: the profile file name must end in .json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(profile, indent=2) + "\n")
-    try:
-        for ranks in [None] + [w["ranks"] for w in profile.get("worlds", [])]:
-            hardware.load_cpu_cluster(ranks, path=tmp)
-    except ValueError:
-        tmp.unlink()
-        raise
-    os.replace(tmp, path)
-
-
-def cmd_calibrate(args) -> int:
-    """`workbench calibrate`: measure, write the profile, print where it went."""
-    from .calibrate_collectives import calibrate
-    if args.merge or args.profile:  # refit measured figures, measure nothing new but --fit-on
-        from .calibrate_fit import cmd_refit
-        return cmd_refit(args)
-    try:
-        settings = Settings(device=args.device, worlds=parse_worlds(args.world),
-                            quick=args.quick, repeats=3 if args.quick else 7,
-                            min_sample_s=0.002 if args.quick else 0.02,
-                            ops_for=tuple(args.ops_for or ()))
-        if settings.ops_for:
-            from .calibrate_ops import study_ops
-            study_ops(settings.ops_for)  # a bad study file fails here, before measuring
-        if args.fit_on:
-            from .calibrate_fit import check_fit_study
-            check_fit_study(args.fit_on)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}")
-        return 2
-    if settings.device == "cuda":
-        import torch
-        if not torch.cuda.is_available():
-            print("error: --device cuda: no CUDA device is visible to torch")
-            return 2
-    start = time.perf_counter()
-    profile = calibrate(settings)
-    if args.fit_on:
-        from .calibrate_fit import fit_for_args
-        profile = fit_for_args(profile, args)
-    write_profile(profile, args.out)
-    chip = profile["chip"]
-    print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s: fp32 peak "
-          f"{chip['dense_flops_per_s']['fp32'] / 1e9:.1f} GFLOP/s, memory "
-          f"{chip['memory_bandwidth_Bps'] / 1e9:.1f} GB/s, worlds "
-          f"{', '.join(str(w['ranks']) for w in profile['worlds'])}")
-    return 0
-
-
-def add_command(subparsers) -> argparse.ArgumentParser:
-    """Add `calibrate` to a `workbench` argparse subparsers object (func(args) -> exit code)."""
-    p = subparsers.add_parser("calibrate", help="measure this device; write a chip and cluster "
-                                                "profile the cost model loads like a preset")
-    p.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl)")
-    p.add_argument("--out", default="calibration.json", help="profile file to write (.json); "
-                   "workbench/data/cpu.json is the default cpu profile")
-    p.add_argument("--world", default="2,4", help="world sizes to calibrate, e.g. 2,4 (ranks "
-                   "beyond the cores share them); the one-rank-per-core world is always added")
-    p.add_argument("--quick", action="store_true", help="few sizes and repeats (tests)")
-    p.add_argument("--ops-for", action="append", metavar="STUDY",
-                   help="also time every GEMM-like op of this study's points at its exact "
-                        "shape, and one microbatch of each of its models whole (repeatable; "
-                        "studies/cpu-validation.toml for the CPU loop)")
-    p.add_argument("--merge", nargs="+", metavar="PROFILE",
-                   help="measure nothing: fit one profile from the median of these "
-                        "calibrations' raw figures (same host, --world, --quick, --ops-for)")
-    p.add_argument("--fit-on", metavar="STUDY", help="then train this study's points for real "
-                   "and scale the framework figures to them (calibrate_fit.py; "
-                   "studies/cpu-calibration.toml for the CPU loop)")
-    p.add_argument("--profile", metavar="PROFILE", help="measure nothing but --fit-on: start "
-                   "from this profile instead of a new calibration")
-    p.set_defaults(func=cmd_calibrate)
-    return p

@@ -61,14 +61,19 @@ log scale: a scale of 1.5 (log 0.41) costs as much as one run 2.8% off; a group 
 barely see stays near 1."""
 
 
+def _world_chips(profile: dict) -> list[tuple[int, dict]]:
+    """(ranks, chip table) of every world of a profile, the top-level chip (the
+    one-rank-per-core world) as its host's world."""
+    return ([(w["ranks"], w["chip"]) for w in profile.get("worlds", [])]
+            + [(profile["host_level"]["size"], profile["chip"])])
+
+
 def scaled_profile(profile: dict, scales: dict[int, dict[str, float]],
                    unscaled: dict[int, dict[str, float]]) -> dict:
     """A copy of `profile` whose world `w` figures are `unscaled[w][figure] x scales[w][group]`
     (the top-level chip, the one-rank-per-core world, with its world's)."""
     out = copy.deepcopy(profile)
-    host = out["host_level"]["size"]
-    chips = [(w["ranks"], w["chip"]) for w in out.get("worlds", [])] + [(host, out["chip"])]
-    for ranks, chip in chips:
+    for ranks, chip in _world_chips(out):
         if ranks not in scales:
             continue
         eff = chip["efficiency"]
@@ -198,9 +203,7 @@ def apply_fit(profile: dict, runs: list[dict], study: str = "") -> dict:
         "error_before": {str(w): e for w, e in fit["error_before"].items()},
         "error_after": {str(w): e for w, e in fit["error_after"].items()},
         "runs": runs}
-    host = out["host_level"]["size"]
-    chips = [(w["ranks"], w["chip"]) for w in out.get("worlds", [])] + [(host, out["chip"])]
-    for ranks, chip in chips:
+    for ranks, chip in _world_chips(out):
         if ranks in fit["scales"]:
             s = fit["scales"][ranks]
             note = (f" Framework figures scaled to {sum(r['world'] == ranks for r in runs)} real "
@@ -212,8 +215,7 @@ def apply_fit(profile: dict, runs: list[dict], study: str = "") -> dict:
     return out
 
 
-def measure_runs(study_path: str, log: Callable[[str], None] = print,
-                 steps: int | None = None, min_timed_s: float | None = None) -> list[dict]:
+def measure_runs(study_path: str, log: Callable[[str], None] = print) -> list[dict]:
     """Train every point of a study for real (`runner.run`, the study's `[run]` settings), in
     fresh processes, one after the other: [{model, overrides, plan, world, step_time_s,
     steps}]. A point that fails is a ValueError naming it: a fit on part of the study would
@@ -226,8 +228,7 @@ def measure_runs(study_path: str, log: Callable[[str], None] = print,
     for i, p in enumerate(study.points):
         try:
             res = run(p.model, p.plan, p.chips, overrides=p.overrides,
-                      steps=steps or cfg.steps, warmup=cfg.warmup,
-                      min_timed_s=cfg.min_timed_s if min_timed_s is None else min_timed_s,
+                      steps=cfg.steps, warmup=cfg.warmup, min_timed_s=cfg.min_timed_s,
                       timeout_s=300)
         except Exception as e:
             raise ValueError(f"--fit-on {study_path}: {p.model} {p.plan} at {p.chips} ranks "
@@ -236,13 +237,15 @@ def measure_runs(study_path: str, log: Callable[[str], None] = print,
                     "world": p.chips, "step_time_s": res["step_time_s"],
                     "steps": len(res["step_times_s"])})
         done = time.perf_counter() - start
+        left = len(study.points) - i - 1
         log(f"  fit run {i + 1}/{len(study.points)}: {p.model} {p.plan} x{p.chips}: "
-            f"{res['step_time_s'] * 1e3:.1f} ms (eta {done / (i + 1) * (len(study.points) - i - 1):.0f} s)")
+            f"{res['step_time_s'] * 1e3:.1f} ms (eta {done / (i + 1) * left:.0f} s)")
     return out
 
 
 def fit_summary(fit: dict) -> str:
-    """Lines saying each world's scales and the runs' median |error| before and after."""
+    """Lines saying each world's scales and the runs' median |error| before and after, from a
+    profile's `measurement.framework_fit`."""
     lines = []
     for w, s in fit["scales"].items():
         b = statistics.median(abs(x) for x in fit["error_before"][w])
@@ -271,9 +274,7 @@ def fit_for_args(profile: dict, args, log: Callable[[str], None] = print) -> dic
     log(f"training {args.fit_on}'s points for the framework fit")
     runs = measure_runs(args.fit_on, log)
     out = apply_fit(profile, runs, args.fit_on)
-    fit = out["measurement"]["framework_fit"]
-    log(fit_summary({k: {int(w): v for w, v in fit[k].items()}
-                     for k in ("scales", "error_before", "error_after")}))
+    log(fit_summary(out["measurement"]["framework_fit"]))
     return out
 
 
@@ -281,7 +282,7 @@ def cmd_refit(args) -> int:
     """`workbench calibrate --merge A.json B.json ...` or `--profile P.json`, each optionally
     with `--fit-on STUDY`: refit or load, fit to the study's runs, write `--out`."""
     import json
-    from .calibrate import write_profile
+    from .calibrate_cli import write_profile
     from .calibrate_merge import merge_files
     try:
         if args.merge and args.profile:

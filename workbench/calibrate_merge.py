@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .calibrate import Settings, write_profile
+from .calibrate import Settings
 from .calibrate_collectives import merge_ranks, profile_from_raw, utc_stamp
 
 
@@ -98,17 +98,3 @@ def merge_files(paths: list[str]) -> dict:
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"--merge {path}: cannot read it as a profile file ({e})") from e
     return merge_profiles(profiles, [str(p) for p in paths])
-
-
-def cmd_merge(args) -> int:
-    """`workbench calibrate --merge A.json B.json ...`: refit from the calibrations' median raw
-    figures (`calibrate_merge.py`), write `--out`."""
-    try:
-        profile = merge_files(args.merge)
-        write_profile(profile, args.out)
-    except ValueError as e:
-        print(f"error: {e}")
-        return 2
-    print(f"wrote {args.out}: the median of {len(args.merge)} calibrations' raw figures, "
-          f"refitted; worlds {', '.join(str(w['ranks']) for w in profile['worlds'])}")
-    return 0

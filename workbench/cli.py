@@ -374,8 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_command(sub)
     from .app import server
     server.add_command(sub)
-    from . import calibrate
-    calibrate.add_command(sub)
+    from . import calibrate_cli
+    calibrate_cli.add_command(sub)
     return p
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 __all__ = ["DTYPES", "Chip", "Level", "Cluster", "chip", "chip_for_nvml_name", "cluster",
            "list_presets", "load_chip", "save_chip", "load_cluster", "save_cluster",
-           "load_cpu_chip", "load_cpu_cluster", "cpu_cluster_from_data", "check_cpu_data", "calibrated_worlds", "is_calibration_file",
+           "load_cpu_chip", "load_cpu_cluster", "cpu_cluster_from_data", "check_cpu_data",
+           "calibrated_worlds", "is_calibration_file",
            "chip_from_dict", "chip_to_dict",
            "cluster_from_dict", "cluster_to_dict"]
 
