@@ -318,6 +318,39 @@ def test_host_drift_is_the_change_from_start_to_end_and_warns_beyond_the_limit()
     assert drift_warning(slowed, {"matmul_flops_per_s": 0.2, "copy_Bps": 0.5}) is None
 
 
+
+def test_peak_matmul_shrinks_for_a_dtype_the_host_does_not_accelerate():
+    import time
+    calls = []
+
+    def at(n, call_s):
+        calls.append(n)
+        return lambda: time.sleep(call_s)
+    full = calibrate.Settings()
+    # a free call at 512 projects to ~0 s at 2048: the full size
+    assert calibrate.peak_size(lambda n: at(n, 0.0), full) == 2048
+    # 5 ms at 512 projects to >= 40 ms at 1024 and >= 320 ms at 2048 (x8 per doubling)
+    assert calibrate.peak_size(lambda n: at(n, 0.005), full, call_limit_s=0.2) == 1024
+    assert calibrate.peak_size(lambda n: at(n, 0.005), full, call_limit_s=0.03) == 512
+    assert set(calls) == {512}  # only 512 is ever timed to choose
+    calls.clear()
+    assert calibrate.peak_size(lambda n: at(n, 1.0), calibrate.Settings(quick=True)) == 512
+    assert calls == []  # --quick always measures at 512 without timing
+
+
+
+def test_the_host_check_times_fp32_at_full_size_and_no_bf16(monkeypatch):
+    from workbench.calibrate_drift import measure_host
+    asked = []
+    monkeypatch.setattr(calibrate, "measure_peak",
+                        lambda settings, dtypes, limit: asked.append((dtypes, limit)) or {"fp32": 1.0})
+    monkeypatch.setattr(calibrate, "measure_memory_bandwidth", lambda settings: 2.0)
+    assert measure_host(calibrate.Settings()) == {"matmul_flops_per_s": 1.0, "copy_Bps": 2.0}
+    # bf16 takes minutes on hosts without bf16 instructions; no size limit keeps the
+    # reference the same 2048^3 matmul on every host, so checks compare
+    assert asked == [(("fp32",), float("inf"))]
+
+
 def _llama_tiny_step_s(plan: str, **figures) -> float:
     """Predicted step time of Llama-tiny (2 layers, vocabulary-parallel embedding and head)
     under `plan` on the 2-rank CPU profile with these efficiency `figures` replaced."""

@@ -365,15 +365,46 @@ def kernel_curves(kernels: dict, peak_flops_per_s: float) -> dict:
 
 # ----------------------------------------------------------------------------- chip figures
 
-def measure_peak(settings: Settings) -> dict[str, float]:
-    """Dense peak FLOP/s per dtype: a large square matmul (2 n^3 FLOPs), fp32 and bf16."""
+PEAK_CALL_LIMIT_S = 2.0
+"""The longest one matmul call of `measure_peak` may take: a dtype the host does not
+accelerate measures at a smaller size (fp32 stays at 2048 even with 2 ranks per core: 0.24 s
+alone). One 2048^3 bf16 matmul on one thread took 61 s on a
+2-core EPYC without bf16 instructions (fp32: 0.24 s), and at 10 calls per measurement the
+peak and the host checks cost a calibration over 30 minutes."""
+
+
+def peak_size(fn_at, settings: Settings, call_limit_s: float = PEAK_CALL_LIMIT_S) -> int:
+    """The matmul size `measure_peak` uses for one dtype: 512 with --quick; otherwise the
+    largest of 512, 1024, 2048 whose one call, projected from one call at 512 (n^3 scaling),
+    takes under `call_limit_s`. `fn_at(n)` makes the call at size n."""
+    if settings.quick:
+        return 512
+    call = fn_at(512)
+    call()
+    _sync(settings.device)
+    start = time.perf_counter()
+    call()
+    _sync(settings.device)
+    at_512_s = time.perf_counter() - start
+    fits = [n for n in (1024, 2048) if at_512_s * (n / 512) ** 3 <= call_limit_s]
+    return max(fits, default=512)
+
+
+def measure_peak(settings: Settings, dtypes: tuple[str, ...] = ("fp32", "bf16"),
+                 call_limit_s: float = PEAK_CALL_LIMIT_S) -> dict[str, float]:
+    """Dense peak FLOP/s per dtype (`dtypes`, of fp32 and bf16): a large square matmul
+    (2 n^3 FLOPs) at `peak_size` under `call_limit_s`, 2048 where the host runs the dtype
+    at speed."""
     import torch
-    n = 512 if settings.quick else 2048
+    torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     out = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a = torch.randn(n, n, device=settings.device).to(dtype)
-        b = torch.randn(n, n, device=settings.device).to(dtype)
-        out[name] = 2 * n**3 / time_call(lambda: torch.mm(a, b), settings)
+    for name in dtypes:
+        def at(n, dtype=torch_dtypes[name]):
+            a = torch.randn(n, n, device=settings.device).to(dtype)
+            b = torch.randn(n, n, device=settings.device).to(dtype)
+            return lambda: torch.mm(a, b)
+        n = peak_size(at, settings, call_limit_s)
+        out[name] = 2 * n**3 / time_call(at(n), settings)
     return out
 
 

@@ -30,7 +30,7 @@ import traceback
 import numpy as np
 
 from .calibrate import Settings, measure_kernels, measure_memory_bandwidth, measure_optimizer, \
-    measure_peak, nnls
+    PEAK_CALL_LIMIT_S, measure_peak, nnls
 
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "send_recv")
 """Collectives timed (send_recv: every rank sends to the next and receives from the previous)."""
@@ -405,7 +405,8 @@ def _chip_table(peak: dict, memory_Bps: float, settings: Settings, stamp: str, w
             "nvml_names": nvml,
             "source": f"Measured {stamp} by workbench calibrate on this host ({_host()}), torch "
                       f"{torch.__version__}, {who}: peak = a {'512' if settings.quick else '2048'}"
-                      f"^3 matmul in fp32 and bf16 (2 n^3 FLOPs), memory bandwidth = a large copy "
+                      f"^3 matmul in fp32 and bf16 (2 n^3 FLOPs; smaller where one call "
+                      f"would take over {PEAK_CALL_LIMIT_S} s), memory bandwidth = a large copy "
                       f"(read + write), memory_bytes = {'GPU memory' if settings.device == 'cuda' else 'host RAM'}"}
 
 

@@ -23,10 +23,12 @@ moves a lot with the host's neighbours)."""
 
 def measure_host(settings) -> dict[str, float]:
     """The reference figures, one torch thread, measured as the calibration measures the
-    chip (`calibrate.measure_peak`'s fp32 matmul, `measure_memory_bandwidth`'s copy), each
+    chip (`calibrate.measure_peak`'s fp32 matmul, always at 2048, and no bf16, which takes
+    minutes on a host without bf16 instructions; `measure_memory_bandwidth`'s copy), each
     the median of 9 samples of 0.1 s (3 of 2 ms with --quick): `matmul_flops_per_s`,
     `copy_Bps`."""
     import dataclasses
+    import math
     import torch
     from .calibrate import measure_memory_bandwidth, measure_peak
     settings = dataclasses.replace(settings, repeats=3 if settings.quick else 9,
@@ -34,7 +36,7 @@ def measure_host(settings) -> dict[str, float]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return {"matmul_flops_per_s": float(measure_peak(settings)["fp32"]),
+        return {"matmul_flops_per_s": float(measure_peak(settings, ("fp32",), math.inf)["fp32"]),
                 "copy_Bps": float(measure_memory_bandwidth(settings))}
     finally:
         torch.set_num_threads(threads)
