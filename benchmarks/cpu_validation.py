@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python benchmarks/cpu_validation.py [--world 2,4] [--only SUBSTRING]
      [--steps 8] [--min-timed-s 1] [--warmup 2] [--repeat 3] [--json FILE]
-     [--calibrate-each-round DIR] [--repredict ROWS [--profiles DIR]]
+     [--profile FILE] [--calibrate-each-round DIR] [--repredict ROWS [--profiles DIR]]
 
 Each point (a model flavour with its overrides, a plan, a world size) runs with
 `workbench.runner.run` (gloo, one torch thread per rank; after `warmup` steps, `steps` timed
@@ -15,7 +15,15 @@ the calibrated `cpu` profile
 gives measured and predicted step times and the error (predicted / measured - 1), then the
 largest and the median absolute error against the targets (15% and 8%). Failed points are
 listed and left out of the summary. Timings are noisy on a shared 2-core machine: rerun on a
-quiet one for the figures that count.
+quiet one for the figures that count. With `--repeat` of 2 or more the table also gives the
+run-to-run spread (a point's slowest run over its fastest, minus 1), the floor under any
+prediction's error: on the 2-core EPYC of 2026-12-07, two fresh runs of the DP and FSDP
+points at world 4 differed by a median of 11.5% and up to 39%, 13 of 34 by more than 15%.
+
+Before it runs anything it times the host's reference figures (`calibrate_drift.measure_host`,
+about 8 s) and warns when they differ from those the profile was calibrated at: a profile
+holds for the host it measured. `--profile FILE` predicts with FILE (a calibration of this
+host) instead of the shipped profile.
 
 `--calibrate-each-round DIR` calibrates the host (`workbench calibrate --world 2,4 --ops-for`
 the study, about 17-20 minutes) into DIR/round-N.json before each round and predicts that round's
@@ -134,11 +142,13 @@ def calibrate_now(out: Path) -> str:
     return str(out)
 
 
-def repredict(rows: list[dict], profiles: str | None = None) -> list[dict]:
+def repredict(rows: list[dict], profiles: str | None = None,
+              profile: str | None = None) -> list[dict]:
     """Rows of an earlier `--json` with their predictions made again by the current code and
     profile (what a new calibration or cost model would have said of the same measured runs;
-    failed rows kept). With `profiles`, the folder of a `--calibrate-each-round` run, run i
-    is predicted with its round's profile (`round-i.json`) and the row keeps the median."""
+    failed rows kept): the profile at `profile` (default: the shipped one). With `profiles`,
+    the folder of a `--calibrate-each-round` run, run i is predicted with its round's profile
+    (`round-i.json`) and the row keeps the median."""
     out = []
     for r in rows:
         if "measured_s" not in r:
@@ -151,7 +161,7 @@ def repredict(rows: list[dict], profiles: str | None = None) -> list[dict]:
                      "run_predictions_s": [x["predicted_s"] for x in runs],
                      "breakdown_s": runs[0]["breakdown_s"]}
         else:
-            again = predict(r)
+            again = predict(r, profile)
         out.append({**r, **again, "error_rel": again["predicted_s"] / r["measured_s"] - 1})
     return out
 
@@ -168,6 +178,43 @@ def family(model: str) -> str:
     """A flavour's model family (`gpt-tiny` -> `gpt`; a name that is no flavour, itself)."""
     flavour = models.flavours().get(model)
     return flavour.family if flavour else model
+
+
+def spread_rel(row: dict) -> float | None:
+    """How far a point's runs differ: its slowest run's median step time over its fastest
+    one's, minus 1 (None for a failed point or one run)."""
+    runs = row.get("run_medians_s") or []
+    return max(runs) / min(runs) - 1 if len(runs) > 1 else None
+
+
+def spread_summary(rows: list[dict]) -> str | None:
+    """One line on the run-to-run spread of the points measured more than once (None when
+    none was): its median and largest, and how many points' own runs differ by more than
+    the 15% target."""
+    spreads = [s for s in map(spread_rel, rows) if s is not None]
+    if not spreads:
+        return None
+    return (f"run-to-run spread of the {len(spreads)} points run more than once: median "
+            f"{100 * statistics.median(spreads):.1f}%, largest {100 * max(spreads):.1f}%, "
+            f"{sum(s > TARGET_MAX for s in spreads)} whose own runs differ by more than "
+            f"{100 * TARGET_MAX:.0f}%")
+
+
+def host_check(profile: str | None = None) -> str:
+    """This host's reference figures beside the profile's (`profile`, default the shipped
+    one), in words, with `calibrate_drift.host_mismatch_warning` when they differ."""
+    from workbench.calibrate import Settings
+    from workbench.calibrate_drift import (host_mismatch_warning, measure_host,
+                                           profile_host_figures)
+    from workbench.hardware import _cpu_file
+    now = measure_host(Settings())
+    then = profile_host_figures(_cpu_file(profile)["measurement"])
+    words = lambda f: (f"matmul {f['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, copy "  # noqa: E731
+                       f"{f['copy_Bps'] / 1e9:.1f} GB/s")
+    line = (f"host check: this host {words(now)}; the profile's host "
+            f"{words(then) if then else 'not recorded'}")
+    warning = host_mismatch_warning(then, now)
+    return line + (f"\n{warning}" if warning else "")
 
 
 def summary(errors: list[float], label: str, failed: str = "") -> str:
@@ -194,6 +241,9 @@ def table(rows: list[dict], seen: set[str] | None = None) -> str:
     errors = [abs(r["error_rel"]) for r in rows if "error_rel" in r]
     if errors:
         lines.append("\n" + summary(errors, "", f" ({len(rows) - len(errors)} failed)"))
+    spread = spread_summary(rows)
+    if spread:
+        lines.append(spread)
     for label, keep in ((f"families the fit saw at other shapes ({', '.join(sorted(seen or ()))}): ",
                          True), ("families the fit never saw: ", False)):
         part = [abs(r["error_rel"]) for r in rows
@@ -215,6 +265,8 @@ def main(argv=None) -> int:
                          "the median is kept)")
     ap.add_argument("--min-timed-s", type=float, default=1.0,
                     help="time each run for at least this many seconds (default 1)")
+    ap.add_argument("--profile", default=None, metavar="FILE",
+                    help="predict with this calibration profile instead of the shipped one")
     ap.add_argument("--calibrate-each-round", default=None, metavar="DIR",
                     help="calibrate the host into DIR/round-N.json before each round and "
                          "predict that round's runs with it (a host whose speed drifts)")
@@ -228,14 +280,21 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.profiles and not args.repredict:
         ap.error("--profiles goes with --repredict")
+    if args.profiles and args.profile:
+        ap.error("--profile and --profiles: choose one")
+    if args.profile and args.calibrate_each_round:
+        ap.error("--profile and --calibrate-each-round: choose one")
     if args.repeat < 1:
         ap.error(f"--repeat must be >= 1, got {args.repeat}")
     if args.repredict:
-        rows = repredict(json.loads(Path(args.repredict).read_text()), args.profiles)
+        rows = repredict(json.loads(Path(args.repredict).read_text()), args.profiles,
+                         args.profile)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
-        print(table(rows, fitted_families()))
+        print(table(rows, fitted_families(args.profile)))
         return 0
+    if not args.calibrate_each_round:
+        print(host_check(args.profile), flush=True)
     worlds = tuple(int(w) for w in args.world.split(","))
     chosen = [p for p in points(worlds)
               if not args.only or args.only in f"{p['model']} {p['plan']}"]
@@ -243,7 +302,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     rows = []
     for round_ in range(args.repeat):  # rounds: a slow spell of the host hits one run per point
-        profile = None
+        profile = args.profile
         if args.calibrate_each_round:
             folder = Path(args.calibrate_each_round)
             folder.mkdir(parents=True, exist_ok=True)
@@ -265,7 +324,7 @@ def main(argv=None) -> int:
         rows = [combine(p, r) for p, r in zip(chosen, runs)]
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
-    print(table(rows, fitted_families()))
+    print(table(rows, fitted_families(args.profile)))
     return 0
 
 

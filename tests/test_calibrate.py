@@ -318,6 +318,25 @@ def test_host_drift_is_the_change_from_start_to_end_and_warns_beyond_the_limit()
     assert drift_warning(slowed, {"matmul_flops_per_s": 0.2, "copy_Bps": 0.5}) is None
 
 
+def test_a_profiles_host_figures_are_the_median_of_every_check_it_holds():
+    from workbench.calibrate_drift import host_mismatch_warning, profile_host_figures
+    check = lambda a, b: {"start": {"matmul_flops_per_s": a, "copy_Bps": 1.0},  # noqa: E731
+                          "end": {"matmul_flops_per_s": b, "copy_Bps": 3.0}}
+    # merged: its pooled calibrations' checks (one had none): 80, 90, 100, 120 -> 95; 1, 3 -> 2
+    merged = {"merged_from": [{"host_check": check(80.0, 90.0)}, {"host_check": None},
+                              {"host_check": check(100.0, 120.0)}]}
+    assert profile_host_figures(merged) == {"matmul_flops_per_s": 95.0, "copy_Bps": 2.0}
+    assert profile_host_figures({"host_check": check(60.0, 70.0)})["matmul_flops_per_s"] == 65.0
+    assert profile_host_figures({"merged_from": [{"host_check": None}]}) is None
+    assert "records no host check" in host_mismatch_warning(None, {"copy_Bps": 1.0})
+    figures = {"matmul_flops_per_s": 95.0, "copy_Bps": 2.0}
+    # 76 / 95 - 1 = -20% (limit 8%); 2.2 / 2 - 1 = +10% (limit 25%)
+    message = host_mismatch_warning(figures, {"matmul_flops_per_s": 76.0, "copy_Bps": 2.2})
+    assert "matmul_flops_per_s -20% (limit 8%)" in message and "copy_Bps" not in message
+    assert "workbench calibrate" in message
+    assert host_mismatch_warning(figures, {"matmul_flops_per_s": 99.0, "copy_Bps": 2.2}) is None
+
+
 
 def test_peak_matmul_shrinks_for_a_dtype_the_host_does_not_accelerate():
     import time

@@ -111,6 +111,12 @@ def test_cli_refuses_a_profile_without_a_fit_and_a_study_that_searches(tmp_path,
                      str(study), "--out", str(out)]) == 2
     assert "searches its plan" in capsys.readouterr().out
     assert not out.exists()
+    for bad, why in ((["--fit-repeat", "0", "--fit-on", str(study)], "must be >= 1"),
+                     (["--fit-repeat", "3"], "goes with --fit-on STUDY")):
+        assert cli.main(["calibrate", "--profile", "workbench/data/cpu.json", "--out",
+                         str(out)] + bad) == 2
+        assert f"--fit-repeat {bad[1]}: {why}" in capsys.readouterr().out
+    assert not out.exists()
 
 
 def test_cli_fits_a_profile_to_real_runs(tmp_path, capsys):
@@ -143,3 +149,24 @@ plans = ["dp=*,mb=1,dtype=fp32"]
     assert set(fit["scales"]) == {"2"}
     # the one run's error can only shrink
     assert abs(fit["error_after"]["2"][0]) <= abs(fit["error_before"]["2"][0]) + 1e-9
+
+
+def test_repeated_fit_runs_go_in_rounds_and_keep_each_points_median(monkeypatch):
+    from workbench import calibrate_fit, runner
+    calls = []
+
+    def fake_run(model, plan, chips, **kw):
+        calls.append((model, chips))
+        return {"step_time_s": 0.010 * len(calls), "step_times_s": [0.0] * 6}
+    monkeypatch.setattr(runner, "run", fake_run)
+    runs = calibrate_fit.measure_runs(str(ROOT / "studies/cpu-calibration.toml"),
+                                      log=lambda line: None, repeat=3)
+    n = len(runs)
+    # round by round over the study: point i's runs are calls i, n + i and 2n + i
+    assert calls[:n] == calls[n:2 * n] == calls[2 * n:]
+    assert runs[0]["run_step_times_s"] == pytest.approx([0.010, 0.010 * (n + 1),
+                                                         0.010 * (2 * n + 1)])
+    assert runs[0]["step_time_s"] == pytest.approx(0.010 * (n + 1))  # the median of the three
+    assert runs[0]["steps"] == 18                                     # 3 runs of 6 steps
+    with pytest.raises(ValueError, match="--fit-repeat must be >= 1"):
+        calibrate_fit.measure_runs(str(ROOT / "studies/cpu-calibration.toml"), repeat=0)

@@ -42,6 +42,7 @@ def test_repeats_run_in_rounds_over_the_whole_set(bench, monkeypatch, tmp_path, 
         return {"step_time_s": 0.01 * len(calls), "steps": steps, "predicted_s": 0.02,
                 "breakdown_s": {}}
     monkeypatch.setattr(bench, "run_once", fake_run)
+    monkeypatch.setattr(bench, "host_check", lambda profile=None: "host check: not timed here")
     out = tmp_path / "rows.json"
     assert bench.main(["--repeat", "3", "--json", str(out)]) == 0
     # round by round over the set; a point that failed is not run again
@@ -49,7 +50,11 @@ def test_repeats_run_in_rounds_over_the_whole_set(bench, monkeypatch, tmp_path, 
     rows = json.loads(out.read_text())
     assert [r["run_medians_s"] for r in rows[:2]] == [[0.01, 0.04, 0.06], [0.02, 0.05, 0.07]]
     assert rows[2]["error"] == "impossible"
-    assert "2 points (1 failed)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert printed.startswith("host check: not timed here") and "2 points (1 failed)" in printed
+    # a: 10, 40, 60 ms -> 60 / 10 - 1 = 500%; b: 20, 50, 70 ms -> 70 / 20 - 1 = 250%
+    assert ("run-to-run spread of the 2 points run more than once: median 375.0%, largest "
+            "500.0%, 2 whose own runs differ by more than 15%") in printed
 
 
 def test_each_round_can_be_predicted_with_its_own_calibration(bench, monkeypatch, tmp_path):
@@ -119,3 +124,34 @@ def test_the_summary_keeps_the_families_the_fit_never_saw_apart(bench):
     assert "families the fit never saw: 1 points: max |error| 20.0%" in text
     assert "2 points (0 failed): max |error| 20.0%" in text
     assert "never saw" not in bench.table(rows, set())  # no fit: one summary
+
+
+def test_the_spread_is_the_slowest_run_over_the_fastest(bench):
+    rows = [{"run_medians_s": [0.100, 0.110]},          # 110 / 100 - 1 = 10%
+            {"run_medians_s": [0.080, 0.100, 0.090]},   # 100 / 80 - 1 = 25%
+            {"run_medians_s": [0.050]},                 # one run: no spread
+            {"error": "rank 1 failed"}]
+    assert [bench.spread_rel(r) for r in rows] == [pytest.approx(0.10), pytest.approx(0.25),
+                                                    None, None]
+    assert bench.spread_summary(rows) == ("run-to-run spread of the 2 points run more than "
+                                          "once: median 17.5%, largest 25.0%, 1 whose own "
+                                          "runs differ by more than 15%")
+    assert bench.spread_summary(rows[2:]) is None
+
+
+def test_the_host_check_warns_when_the_host_is_not_the_profiles(bench, monkeypatch, tmp_path):
+    from workbench import calibrate_drift
+    from workbench.hardware import _cpu_file
+    profile = _cpu_file(None)
+    figures = {"matmul_flops_per_s": 100e9, "copy_Bps": 20e9}
+    profile["measurement"] = {"host_check": {"start": figures, "end": figures}}
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps(profile))
+    now = {"matmul_flops_per_s": 60e9, "copy_Bps": 19e9}  # -40% (limit 8%), -5% (limit 25%)
+    monkeypatch.setattr(calibrate_drift, "measure_host", lambda settings: now)
+    words = bench.host_check(str(path))
+    assert words.startswith("host check: this host matmul 60.0 GFLOP/s, copy 19.0 GB/s; the "
+                            "profile's host matmul 100.0 GFLOP/s, copy 20.0 GB/s")
+    assert "matmul_flops_per_s -40% (limit 8%)" in words and "copy_Bps" not in words
+    monkeypatch.setattr(calibrate_drift, "measure_host", lambda settings: figures)
+    assert "warning" not in bench.host_check(str(path))

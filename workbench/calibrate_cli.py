@@ -46,6 +46,11 @@ def write_profile(profile: dict, path: str | Path) -> None:
 def cmd_calibrate(args) -> int:
     """`workbench calibrate`: measure, write the profile, print where it went."""
     from .calibrate_collectives import calibrate
+    repeat = getattr(args, "fit_repeat", 1)
+    if repeat != 1 and not args.fit_on or repeat < 1:
+        print(f"error: --fit-repeat {repeat}: " + ("must be >= 1" if repeat < 1 else
+                                                    "goes with --fit-on STUDY"))
+        return 2
     if args.merge or args.profile:  # refit measured figures, measure nothing new but --fit-on
         from .calibrate_fit import cmd_refit
         return cmd_refit(args)
@@ -102,6 +107,9 @@ def add_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--fit-on", metavar="STUDY", help="then train this study's points for real "
                    "and scale the framework figures to them (calibrate_fit.py; "
                    "studies/cpu-calibration.toml for the CPU loop)")
+    p.add_argument("--fit-repeat", type=int, default=1, metavar="N",
+                   help="with --fit-on: train each of the study's points N times, in rounds "
+                        "over the study, and fit to each point's median (default 1)")
     p.add_argument("--profile", metavar="PROFILE", help="measure nothing but --fit-on: start "
                    "from this profile instead of a new calibration")
     p.set_defaults(func=cmd_calibrate)

@@ -11,8 +11,15 @@ the parent process while no rank runs) before the first world and after the last
 in `measurement.host_check`, and warns when they differ by more than `DRIFT_LIMITS`. It cannot
 see a slow spell that covers the whole calibration; pooling calibrations taken at different
 hours (`--merge`) is the remedy for that.
+
+The same figures tell whether a profile belongs to the host it predicts: the shipped profile,
+calibrated on a 2-core EPYC at 86-103 GFLOP/s and 28-31 GB/s, under-predicted every point of
+the validation set by 43-64% on a 2-core EPYC at 54-66 GFLOP/s and 10-17 GB/s (2026-12-07).
+`host_mismatch_warning` compares this host's figures with the ones a profile recorded.
 """
 from __future__ import annotations
+
+import statistics
 
 DRIFT_LIMITS = {"matmul_flops_per_s": 0.08, "copy_Bps": 0.25}
 """Relative change of each reference figure between the start and the end of a calibration
@@ -49,14 +56,53 @@ def host_drift(start: dict[str, float], end: dict[str, float]) -> dict:
             "change": {k: end[k] / start[k] - 1.0 for k in start}}
 
 
-def drift_warning(drift: dict, limits: dict[str, float] | None = None) -> str | None:
-    """A warning naming every reference figure whose `change` exceeds its limit
-    (`DRIFT_LIMITS`) in size, or None when the host held still."""
+def _moved(drift: dict, limits: dict[str, float] | None) -> str | None:
+    """The figures of `drift` whose `change` exceeds its limit (`DRIFT_LIMITS`) in size, in
+    words, or None."""
     limits = DRIFT_LIMITS if limits is None else limits
     moved = {k: v for k, v in drift["change"].items() if abs(v) > limits[k]}
     if not moved:
         return None
-    parts = ", ".join(f"{k} {v:+.0%} (limit {limits[k]:.0%})" for k, v in moved.items())
+    return ", ".join(f"{k} {v:+.0%} (limit {limits[k]:.0%})" for k, v in moved.items())
+
+
+def drift_warning(drift: dict, limits: dict[str, float] | None = None) -> str | None:
+    """A warning naming every reference figure whose `change` exceeds its limit
+    (`DRIFT_LIMITS`) in size, or None when the host held still."""
+    parts = _moved(drift, limits)
+    if parts is None:
+        return None
     return (f"warning: the host changed speed during this calibration ({parts}, from the "
             f"start to the end): its figures mix two speeds. Calibrate again on a quieter "
             f"host, or pool calibrations of different hours with --merge.")
+
+
+def profile_host_figures(measurement: dict) -> dict[str, float] | None:
+    """The reference figures of the host a profile was calibrated on, from its `measurement`:
+    per figure, the median of every host check it holds (its own start and end; a merged
+    profile's, those of the calibrations it pools, `merged_from`). None when it holds none
+    (calibrations from before the host check)."""
+    checks = [measurement.get("host_check")]
+    checks += [m.get("host_check") for m in measurement.get("merged_from") or []]
+    samples = [c[end] for c in checks if c for end in ("start", "end")]
+    if not samples:
+        return None
+    return {k: float(statistics.median(s[k] for s in samples)) for k in samples[0]}
+
+
+def host_mismatch_warning(profile_figures: dict[str, float] | None, now: dict[str, float],
+                          limits: dict[str, float] | None = None) -> str | None:
+    """A warning when this host's reference figures (`now`, `measure_host`) differ from the
+    profile's (`profile_host_figures`) by more than `DRIFT_LIMITS`, or when the profile
+    records none; None when they agree. The change is now / profile - 1 (positive: this host
+    is faster than the profile's)."""
+    if profile_figures is None:
+        return ("warning: the profile records no host check, so nothing tells whether this "
+                "host runs at the speed it was calibrated at.")
+    parts = _moved(host_drift(profile_figures, now), limits)
+    if parts is None:
+        return None
+    return (f"warning: this host is not at the speed the profile was calibrated at ({parts}, "
+            f"this host against the profile's host checks): predictions will be off by about "
+            f"as much. Calibrate this host (workbench calibrate --device cpu --world 2,4) and "
+            f"predict with that profile.")

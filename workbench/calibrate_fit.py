@@ -215,32 +215,43 @@ def apply_fit(profile: dict, runs: list[dict], study: str = "") -> dict:
     return out
 
 
-def measure_runs(study_path: str, log: Callable[[str], None] = print) -> list[dict]:
+def measure_runs(study_path: str, log: Callable[[str], None] = print,
+                 repeat: int = 1) -> list[dict]:
     """Train every point of a study for real (`runner.run`, the study's `[run]` settings), in
-    fresh processes, one after the other: [{model, overrides, plan, world, step_time_s,
-    steps}]. A point that fails is a ValueError naming it: a fit on part of the study would
-    be a fit of another study."""
+    fresh processes, one after the other, `repeat` times in rounds over the whole study (a
+    slow spell of the host lands on one run of many points): [{model, overrides, plan, world,
+    step_time_s (the median of its runs), run_step_times_s, steps}]. On the 2-core host two
+    runs of a point at world 4 differ by a median of 11.5% (up to 39%), so one run per point
+    fits part of that noise. A point that fails is a ValueError naming it: a fit on part of
+    the study would be a fit of another study."""
     from .runner import run
     from .study import load
+    if repeat < 1:
+        raise ValueError(f"--fit-repeat must be >= 1, got {repeat}")
     study = load(study_path)
     cfg = study.run
-    out, start = [], time.perf_counter()
-    for i, p in enumerate(study.points):
-        try:
-            res = run(p.model, p.plan, p.chips, overrides=p.overrides,
-                      steps=cfg.steps, warmup=cfg.warmup, min_timed_s=cfg.min_timed_s,
-                      timeout_s=300)
-        except Exception as e:
-            raise ValueError(f"--fit-on {study_path}: {p.model} {p.plan} at {p.chips} ranks "
-                             f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
-        out.append({"model": p.model, "overrides": dict(p.overrides), "plan": p.plan,
-                    "world": p.chips, "step_time_s": res["step_time_s"],
-                    "steps": len(res["step_times_s"])})
-        done = time.perf_counter() - start
-        left = len(study.points) - i - 1
-        log(f"  fit run {i + 1}/{len(study.points)}: {p.model} {p.plan} x{p.chips}: "
-            f"{res['step_time_s'] * 1e3:.1f} ms (eta {done / (i + 1) * left:.0f} s)")
-    return out
+    times: list[list[float]] = [[] for _ in study.points]
+    steps = [0] * len(study.points)
+    start, total = time.perf_counter(), repeat * len(study.points)
+    for round_ in range(repeat):
+        for i, p in enumerate(study.points):
+            try:
+                res = run(p.model, p.plan, p.chips, overrides=p.overrides,
+                          steps=cfg.steps, warmup=cfg.warmup, min_timed_s=cfg.min_timed_s,
+                          timeout_s=300)
+            except Exception as e:
+                raise ValueError(f"--fit-on {study_path}: {p.model} {p.plan} at {p.chips} ranks "
+                                 f"failed: {type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:200]}") from e
+            times[i].append(res["step_time_s"])
+            steps[i] += len(res["step_times_s"])
+            done = round_ * len(study.points) + i + 1
+            eta = (time.perf_counter() - start) / done * (total - done)
+            log(f"  fit run {done}/{total}: {p.model} {p.plan} x{p.chips}: "
+                f"{res['step_time_s'] * 1e3:.1f} ms (eta {eta:.0f} s)")
+    return [{"model": p.model, "overrides": dict(p.overrides), "plan": p.plan,
+             "world": p.chips, "step_time_s": statistics.median(t), "run_step_times_s": t,
+             "steps": n} for p, t, n in zip(study.points, times, steps)]
 
 
 def fit_summary(fit: dict) -> str:
@@ -272,7 +283,7 @@ def check_fit_study(path: str) -> None:
 def fit_for_args(profile: dict, args, log: Callable[[str], None] = print) -> dict:
     """`apply_fit` of the runs of `args.fit_on` (measured now) to `profile`."""
     log(f"training {args.fit_on}'s points for the framework fit")
-    runs = measure_runs(args.fit_on, log)
+    runs = measure_runs(args.fit_on, log, getattr(args, "fit_repeat", 1))
     out = apply_fit(profile, runs, args.fit_on)
     log(fit_summary(out["measurement"]["framework_fit"]))
     return out
