@@ -17,8 +17,9 @@ largest and the median absolute error against the targets (15% and 8%). Failed p
 listed and left out of the summary. Timings are noisy on a shared 2-core machine: rerun on a
 quiet one for the figures that count. With `--repeat` of 2 or more the table also gives the
 run-to-run spread (a point's slowest run over its fastest, minus 1), the floor under any
-prediction's error: on the 2-core EPYC of 2026-12-07, two fresh runs of the DP and FSDP
-points at world 4 differed by a median of 11.5% and up to 39%, 13 of 34 by more than 15%.
+prediction's error: on the 2-core EPYC of 2026-12-07, two fresh runs of every point within
+40 minutes differed by a median of 15.3% and up to 107%, 56 of 111 by more than 15%
+(`benchmarks/results-cpu-validation-2026-12-07b.txt`).
 
 Before it runs anything it times the host's reference figures (`calibrate_drift.measure_host`,
 about 8 s) and warns when they differ from those the profile was calibrated at: a profile

@@ -368,9 +368,9 @@ def kernel_curves(kernels: dict, peak_flops_per_s: float) -> dict:
 PEAK_CALL_LIMIT_S = 2.0
 """The longest one matmul call of `measure_peak` may take: a dtype the host does not
 accelerate measures at a smaller size (fp32 stays at 2048 even with 2 ranks per core: 0.24 s
-alone). One 2048^3 bf16 matmul on one thread took 61 s on a
-2-core EPYC without bf16 instructions (fp32: 0.24 s), and at 10 calls per measurement the
-peak and the host checks cost a calibration over 30 minutes."""
+alone). One 2048^3 bf16 matmul on one thread took 61 s on a 2-core EPYC without bf16
+instructions (fp32: 0.24 s), and at 10 calls per measurement the peak and the host checks
+cost a calibration over 30 minutes."""
 
 
 def peak_size(fn_at, settings: Settings, call_limit_s: float = PEAK_CALL_LIMIT_S) -> int:

@@ -46,10 +46,9 @@ def write_profile(profile: dict, path: str | Path) -> None:
 def cmd_calibrate(args) -> int:
     """`workbench calibrate`: measure, write the profile, print where it went."""
     from .calibrate_collectives import calibrate
-    repeat = getattr(args, "fit_repeat", 1)
-    if repeat != 1 and not args.fit_on or repeat < 1:
-        print(f"error: --fit-repeat {repeat}: " + ("must be >= 1" if repeat < 1 else
-                                                    "goes with --fit-on STUDY"))
+    if args.fit_repeat < 1 or (args.fit_repeat != 1 and not args.fit_on):
+        rule = "must be >= 1" if args.fit_repeat < 1 else "goes with --fit-on STUDY"
+        print(f"error: --fit-repeat {args.fit_repeat}: {rule}")  # before any measuring
         return 2
     if args.merge or args.profile:  # refit measured figures, measure nothing new but --fit-on
         from .calibrate_fit import cmd_refit

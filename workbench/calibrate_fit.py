@@ -220,9 +220,9 @@ def measure_runs(study_path: str, log: Callable[[str], None] = print,
     """Train every point of a study for real (`runner.run`, the study's `[run]` settings), in
     fresh processes, one after the other, `repeat` times in rounds over the whole study (a
     slow spell of the host lands on one run of many points): [{model, overrides, plan, world,
-    step_time_s (the median of its runs), run_step_times_s, steps}]. On the 2-core host two
-    runs of a point at world 4 differ by a median of 11.5% (up to 39%), so one run per point
-    fits part of that noise. A point that fails is a ValueError naming it: a fit on part of
+    step_time_s (the median of its runs), run_step_times_s, steps (timed, over its runs)}].
+    On the 2-core host two runs of a point at world 4 differ by a median of 11.5% (up to 39%),
+    so one run per point fits part of that noise. A point that fails is a ValueError naming it: a fit on part of
     the study would be a fit of another study."""
     from .runner import run
     from .study import load
@@ -283,7 +283,7 @@ def check_fit_study(path: str) -> None:
 def fit_for_args(profile: dict, args, log: Callable[[str], None] = print) -> dict:
     """`apply_fit` of the runs of `args.fit_on` (measured now) to `profile`."""
     log(f"training {args.fit_on}'s points for the framework fit")
-    runs = measure_runs(args.fit_on, log, getattr(args, "fit_repeat", 1))
+    runs = measure_runs(args.fit_on, log, args.fit_repeat)
     out = apply_fit(profile, runs, args.fit_on)
     log(fit_summary(out["measurement"]["framework_fit"]))
     return out
