@@ -55,6 +55,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workbench import costmodel, models  # noqa: E402
+from workbench.calibrate_drift import run_spread_rel, spread_line  # noqa: E402
 from workbench.plan import Plan  # noqa: E402
 
 TARGET_MAX, TARGET_MEDIAN = 0.15, 0.08
@@ -183,22 +184,15 @@ def family(model: str) -> str:
 
 def spread_rel(row: dict) -> float | None:
     """How far a point's runs differ: its slowest run's median step time over its fastest
-    one's, minus 1 (None for a failed point or one run)."""
-    runs = row.get("run_medians_s") or []
-    return max(runs) / min(runs) - 1 if len(runs) > 1 else None
+    one's, minus 1 (None for a failed point or one run; `calibrate_drift.run_spread_rel`)."""
+    return run_spread_rel(row.get("run_medians_s") or [])
 
 
 def spread_summary(rows: list[dict]) -> str | None:
     """One line on the run-to-run spread of the points measured more than once (None when
     none was): its median and largest, and how many points' own runs differ by more than
-    the 15% target."""
-    spreads = [s for s in map(spread_rel, rows) if s is not None]
-    if not spreads:
-        return None
-    return (f"run-to-run spread of the {len(spreads)} points run more than once: median "
-            f"{100 * statistics.median(spreads):.1f}%, largest {100 * max(spreads):.1f}%, "
-            f"{sum(s > TARGET_MAX for s in spreads)} whose own runs differ by more than "
-            f"{100 * TARGET_MAX:.0f}%")
+    the 15% target (`calibrate_drift.spread_line`)."""
+    return spread_line([r.get("run_medians_s") or [] for r in rows], "points", TARGET_MAX)
 
 
 def host_check(profile: str | None = None) -> str:

@@ -170,3 +170,19 @@ def test_repeated_fit_runs_go_in_rounds_and_keep_each_points_median(monkeypatch)
     assert runs[0]["steps"] == 18                                     # 3 runs of 6 steps
     with pytest.raises(ValueError, match="--fit-repeat must be >= 1"):
         calibrate_fit.measure_runs(str(ROOT / "studies/cpu-calibration.toml"), repeat=0)
+
+
+def test_the_fit_summary_says_how_far_each_points_own_runs_differ():
+    fit = {"scales": {"2": {"ddp": 1.0}}, "error_before": {"2": [0.2, -0.1]},
+           "error_after": {"2": [0.05, -0.02]},
+           "runs": [{"run_step_times_s": [0.010, 0.012, 0.011]},   # 12 / 10 - 1 = 20%
+                    {"run_step_times_s": [0.040, 0.042, 0.041]},   # 42 / 40 - 1 = 5%
+                    {"run_step_times_s": [0.030]}]}                # one run: no spread
+    lines = cf.fit_summary(fit).splitlines()
+    # median |error| before: (20 + 10) / 2 = 15%; after: (5 + 2) / 2 = 3.5%
+    assert lines[0] == "world 2: ddp x1.00; median |error| of its runs 15.0% -> 3.5%"
+    # spread median of 20% and 5%: 12.5%; one of the two beyond 15%
+    assert lines[1] == ("run-to-run spread of the 2 fit points run more than once: median "
+                        "12.5%, largest 20.0%, 1 whose own runs differ by more than 15%")
+    one_run = {**fit, "runs": [{"run_step_times_s": [0.030]}]}
+    assert len(cf.fit_summary(one_run).splitlines()) == 1  # --fit-repeat 1: no spread line

@@ -106,3 +106,24 @@ def host_mismatch_warning(profile_figures: dict[str, float] | None, now: dict[st
             f"this host against the profile's host checks): predictions will be off by about "
             f"as much. Calibrate this host (workbench calibrate --device cpu --world 2,4) and "
             f"predict with that profile.")
+
+
+def run_spread_rel(times_s: list[float]) -> float | None:
+    """How far repeated runs of one point differ: the slowest run's step time over the
+    fastest one's, minus 1 (None for fewer than 2 runs). No prediction can be closer than
+    this to all of a point's runs: on the 2-core development host it is the floor under the
+    validation's error."""
+    return max(times_s) / min(times_s) - 1 if len(times_s) > 1 else None
+
+
+def spread_line(runs_s: list[list[float]], what: str, limit: float) -> str | None:
+    """One line on the run-to-run spread (`run_spread_rel`) of the `what` (points, runs)
+    measured more than once, each an entry of `runs_s`: its median and largest, and how many
+    of them differ by more than `limit` (a fraction); None when none was measured twice."""
+    spreads = [s for s in map(run_spread_rel, runs_s) if s is not None]
+    if not spreads:
+        return None
+    return (f"run-to-run spread of the {len(spreads)} {what} run more than once: median "
+            f"{100 * statistics.median(spreads):.1f}%, largest {100 * max(spreads):.1f}%, "
+            f"{sum(s > limit for s in spreads)} whose own runs differ by more than "
+            f"{100 * limit:.0f}%")

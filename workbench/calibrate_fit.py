@@ -55,6 +55,10 @@ SCALE_BOUNDS = (0.25, 4.0)
 """The range a scale may take: a fit that wants more than 4x off the synthetic level says
 the model is missing something, not that the level is off."""
 
+SPREAD_LIMIT = 0.15
+"""The run-to-run spread `fit_summary` counts points beyond: the validation's target (a fit
+point whose own runs differ by more cannot be priced within it)."""
+
 PRIOR_WEIGHT = 0.07
 """Weight of the prior pulling each scale toward 1, in units of relative error per unit of
 log scale: a scale of 1.5 (log 0.41) costs as much as one run 2.8% off; a group the runs
@@ -222,8 +226,10 @@ def measure_runs(study_path: str, log: Callable[[str], None] = print,
     slow spell of the host lands on one run of many points): [{model, overrides, plan, world,
     step_time_s (the median of its runs), run_step_times_s, steps (timed, over its runs)}].
     On the 2-core host two runs of a point at world 4 differ by a median of 11.5% (up to 39%),
-    so one run per point fits part of that noise. A point that fails is a ValueError naming it: a fit on part of
-    the study would be a fit of another study."""
+    so one run per point fits part of that noise; with `repeat=3` (2026-12-07c) a point's
+    three runs differed by a median of 30.8% (up to 80%; `fit_summary` prints it). A point
+    that fails is a ValueError naming it: a fit on part of the study would be a fit of
+    another study."""
     from .runner import run
     from .study import load
     if repeat < 1:
@@ -256,14 +262,19 @@ def measure_runs(study_path: str, log: Callable[[str], None] = print,
 
 def fit_summary(fit: dict) -> str:
     """Lines saying each world's scales and the runs' median |error| before and after, from a
-    profile's `measurement.framework_fit`."""
+    profile's `measurement.framework_fit`; with `--fit-repeat` above 1, also how far each
+    point's own runs differ (`calibrate_drift.spread_line`): the part of the error no fit can
+    remove, and how much the points' medians can be trusted."""
+    from .calibrate_drift import spread_line
     lines = []
     for w, s in fit["scales"].items():
         b = statistics.median(abs(x) for x in fit["error_before"][w])
         a = statistics.median(abs(x) for x in fit["error_after"][w])
         lines.append(f"world {w}: " + ", ".join(f"{g} x{v:.2f}" for g, v in s.items())
                      + f"; median |error| of its runs {b:.1%} -> {a:.1%}")
-    return "\n".join(lines)
+    spread = spread_line([r.get("run_step_times_s") or [] for r in fit.get("runs", [])],
+                         "fit points", SPREAD_LIMIT)
+    return "\n".join(lines + ([spread] if spread else []))
 
 
 def check_fit_study(path: str) -> None:
