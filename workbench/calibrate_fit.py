@@ -34,6 +34,8 @@ from typing import Callable
 
 import numpy as np
 
+from .calibrate_drift import spread_line
+
 FIT_GROUPS = {
     "ddp": ("ddp_microbatch_s", "ddp_tensor_s", "ddp_byte_s", "ddp_step_s"),
     "fsdp_call": ("fsdp_gather_s", "fsdp_reduce_s", "fsdp_microbatch_s", "fsdp_step_s"),
@@ -265,7 +267,6 @@ def fit_summary(fit: dict) -> str:
     profile's `measurement.framework_fit`; with `--fit-repeat` above 1, also how far each
     point's own runs differ (`calibrate_drift.spread_line`): the part of the error no fit can
     remove, and how much the points' medians can be trusted."""
-    from .calibrate_drift import spread_line
     lines = []
     for w, s in fit["scales"].items():
         b = statistics.median(abs(x) for x in fit["error_before"][w])
