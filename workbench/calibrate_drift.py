@@ -16,10 +16,19 @@ The same figures tell whether a profile belongs to the host it predicts: the shi
 calibrated on a 2-core EPYC at 86-103 GFLOP/s and 28-31 GB/s, under-predicted every point of
 the validation set by 43-64% on a 2-core EPYC at 54-66 GFLOP/s and 10-17 GB/s (2026-12-07).
 `host_mismatch_warning` compares this host's figures with the ones a profile recorded.
+
+A host can also be steady in the mean and noisy from one run to the next: `run_spread_rel`
+and `spread_line` say how far repeated runs of a point differ (the validation benchmark and
+`calibrate --fit-repeat` print it), the floor under any prediction's error on that host.
 """
 from __future__ import annotations
 
 import statistics
+
+ERROR_TARGET_REL = 0.15
+"""The calibrated CPU profile's every-point target: each predicted step time within 15% of the
+measured one (`benchmarks/cpu_validation.py`'s `TARGET_MAX`); `spread_line` counts the points
+whose own runs differ by more, which no prediction can meet."""
 
 DRIFT_LIMITS = {"matmul_flops_per_s": 0.08, "copy_Bps": 0.25}
 """Relative change of each reference figure between the start and the end of a calibration
@@ -116,7 +125,8 @@ def run_spread_rel(times_s: list[float]) -> float | None:
     return max(times_s) / min(times_s) - 1 if len(times_s) > 1 else None
 
 
-def spread_line(runs_s: list[list[float]], what: str, limit: float) -> str | None:
+def spread_line(runs_s: list[list[float]], what: str,
+                limit: float = ERROR_TARGET_REL) -> str | None:
     """One line on the run-to-run spread (`run_spread_rel`) of the `what` (points, runs)
     measured more than once, each an entry of `runs_s`: its median and largest, and how many
     of them differ by more than `limit` (a fraction); None when none was measured twice."""

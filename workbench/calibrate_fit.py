@@ -57,10 +57,6 @@ SCALE_BOUNDS = (0.25, 4.0)
 """The range a scale may take: a fit that wants more than 4x off the synthetic level says
 the model is missing something, not that the level is off."""
 
-SPREAD_LIMIT = 0.15
-"""The run-to-run spread `fit_summary` counts points beyond: the validation's target (a fit
-point whose own runs differ by more cannot be priced within it)."""
-
 PRIOR_WEIGHT = 0.07
 """Weight of the prior pulling each scale toward 1, in units of relative error per unit of
 log scale: a scale of 1.5 (log 0.41) costs as much as one run 2.8% off; a group the runs
@@ -274,7 +270,7 @@ def fit_summary(fit: dict) -> str:
         lines.append(f"world {w}: " + ", ".join(f"{g} x{v:.2f}" for g, v in s.items())
                      + f"; median |error| of its runs {b:.1%} -> {a:.1%}")
     spread = spread_line([r.get("run_step_times_s") or [] for r in fit.get("runs", [])],
-                         "fit points", SPREAD_LIMIT)
+                         "fit points")
     return "\n".join(lines + ([spread] if spread else []))
 
 
