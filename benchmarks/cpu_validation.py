@@ -2,7 +2,8 @@
 
 Run: .venv/bin/python benchmarks/cpu_validation.py [--world 2,4] [--only SUBSTRING]
      [--steps 8] [--min-timed-s 1] [--warmup 2] [--repeat 3] [--json FILE]
-     [--profile FILE] [--calibrate-each-round DIR] [--repredict ROWS [--profiles DIR]]
+     [--profile FILE] [--calibrate-each-round DIR | --pin-level]
+     [--repredict ROWS [--profiles DIR]]
 
 Each point (a model flavour with its overrides, a plan, a world size) runs with
 `workbench.runner.run` (gloo, one torch thread per rank; after `warmup` steps, `steps` timed
@@ -32,6 +33,15 @@ runs with it; a point's prediction is then the median of its rounds' predictions
 a shared host drifts over tens of minutes (the matmul peak read 61 to 92 GFLOP/s on one night),
 so a calibration taken an hour before a run predicts the host of an hour before.
 
+`--pin-level` pins each run to the host's level at the minute it ran: every round runs the
+calibration study's 32 points (`studies/cpu-calibration.toml`, other shapes than the
+validated ones) spread evenly among the set's, and each validation run's prediction is
+scaled by the median of measured / predicted over the 6 reference runs of its world nearest
+to it in time (`calibrate_drift.host_level`). On a host whose speed moves by 10-20% within
+minutes and by more over hours, this leaves the error the profile's shape makes; the table
+gives the unpinned errors beside (the profile's own level). One level per stretch of minutes
+from other models: nothing is fitted to the validated points.
+
 `--repredict ROWS` runs nothing: it predicts the measured rows of an earlier `--json` file
 again with the current profile (after a new calibration, the same measured runs against the
 new predictions; the measurements do not depend on the profile); with `--profiles DIR` (the
@@ -55,7 +65,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workbench import costmodel, models  # noqa: E402
-from workbench.calibrate_drift import ERROR_TARGET_REL, run_spread_rel, spread_line  # noqa: E402
+from workbench.calibrate_drift import (ERROR_TARGET_REL, PIN_NEIGHBOURS,  # noqa: E402
+                                       host_level, run_spread_rel, spread_line)
 from workbench.plan import Plan  # noqa: E402
 
 TARGET_MAX, TARGET_MEDIAN = ERROR_TARGET_REL, 0.08
@@ -75,6 +86,39 @@ def points(worlds=(2, 4)) -> list[dict]:
     from workbench.study import load
     return [{"model": p.model, "overrides": p.overrides, "plan": p.plan, "world": p.chips}
             for p in load(STUDY).points if p.chips in worlds]
+
+
+def reference_points(worlds=(2, 4)) -> list[dict]:
+    """The calibration study's points at the given world sizes (`FIT_STUDY`: other shapes
+    than the validation's), the reference runs of `--pin-level`."""
+    from workbench.study import load
+    return [{"model": p.model, "overrides": p.overrides, "plan": p.plan, "world": p.chips}
+            for p in load(FIT_STUDY).points if p.chips in worlds]
+
+
+def interleave(n_points: int, n_references: int) -> list[tuple[str, int]]:
+    """The order of one round of `--pin-level`: ("point", i) and ("reference", j), the
+    references spread evenly among the points (item k of n sits at (k + 0.5) / n; a point
+    first where they tie), so that every stretch of the round has reference runs in it."""
+    items = [((i + 0.5) / n_points, 0, "point", i) for i in range(n_points)]
+    items += [((j + 0.5) / n_references, 1, "reference", j) for j in range(n_references)]
+    return [(kind, k) for _, _, kind, k in sorted(items)]
+
+
+def pin(points: list[dict], runs: list[list[dict]], references: list[dict]) -> None:
+    """Scale the prediction of every run of `points[i]` (`runs[i]`, each with its end time
+    `t_s`) by the host's level at the time it ran (`host_level` from `references`, each
+    `{t_s, world, measured_s, predicted_s}`), in place: `level`, `raw_predicted_s` (the
+    profile's own prediction) and `predicted_s` (raw x level). Again on the same runs, from
+    their raw predictions (the level may move as references arrive)."""
+    for point, point_runs in zip(points, runs):
+        for r in point_runs:
+            if "error" in r or "t_s" not in r:
+                continue
+            raw = r.setdefault("raw_predicted_s", r["predicted_s"])
+            level = host_level(r["t_s"], point["world"], references)
+            if level is not None:
+                r["level"], r["predicted_s"] = level, raw * level
 
 
 def check(point: dict) -> str | None:
@@ -118,7 +162,11 @@ def combine(point: dict, runs: list[dict]) -> dict:
             "run_medians_s": [r["step_time_s"] for r in runs],
             "run_predictions_s": [r["predicted_s"] for r in runs],
             "timed_steps": [r["steps"] for r in runs],
-            "breakdown_s": runs[0]["breakdown_s"]}
+            "breakdown_s": runs[0]["breakdown_s"],
+            **({"run_levels": [r["level"] for r in runs],
+                "run_t_s": [r["t_s"] for r in runs],
+                "raw_predicted_s": statistics.median(r["raw_predicted_s"] for r in runs)}
+               if all("level" in r for r in runs) else {})}
 
 
 def predict(point: dict, profile: str | None = None) -> dict:
@@ -145,12 +193,25 @@ def calibrate_now(out: Path) -> str:
 
 
 def repredict(rows: list[dict], profiles: str | None = None,
-              profile: str | None = None) -> list[dict]:
+              profile: str | None = None, references: list[dict] | None = None) -> list[dict]:
     """Rows of an earlier `--json` with their predictions made again by the current code and
     profile (what a new calibration or cost model would have said of the same measured runs;
     failed rows kept): the profile at `profile` (default: the shipped one). With `profiles`,
     the folder of a `--calibrate-each-round` run, run i is predicted with its round's profile
-    (`round-i.json`) and the row keeps the median."""
+    (`round-i.json`) and the row keeps the median. Rows of a `--pin-level` run need its
+    `references` (the `.references.json` beside its `--json`): they are predicted with the
+    same profile and every run is pinned again to the level they give."""
+    pinned = any("run_levels" in r for r in rows)
+    if pinned and (references is None or profiles):
+        raise ValueError("these rows were pinned (--pin-level): predicting them again needs "
+                         "their reference runs (the .references.json beside the --json file) "
+                         "and one profile (not --profiles)")
+    refs, cache = [], {}
+    for x in references if pinned else []:
+        key = (x["model"], x["plan"], x["world"], json.dumps(x["overrides"], sort_keys=True))
+        if key not in cache:
+            cache[key] = predict(x, profile)["predicted_s"]
+        refs.append({**x, "predicted_s": cache[key]})
     out = []
     for r in rows:
         if "measured_s" not in r:
@@ -164,8 +225,20 @@ def repredict(rows: list[dict], profiles: str | None = None,
                      "breakdown_s": runs[0]["breakdown_s"]}
         else:
             again = predict(r, profile)
+        if "run_levels" in r:
+            levels = [host_level(t, r["world"], refs) for t in r["run_t_s"]]
+            each = [again["predicted_s"] * level for level in levels]
+            again = {**again, "raw_predicted_s": again["predicted_s"], "run_levels": levels,
+                     "run_predictions_s": each, "predicted_s": statistics.median(each)}
         out.append({**r, **again, "error_rel": again["predicted_s"] / r["measured_s"] - 1})
     return out
+
+
+def references_path(rows_json: str) -> Path:
+    """Where `--pin-level` writes the reference runs of the rows at `rows_json`, and where
+    `--repredict` looks for them: beside it, its stem + `.references.json`."""
+    path = Path(rows_json)
+    return path.with_name(path.stem + ".references.json")
 
 
 def fitted_families(profile: str | None = None) -> set[str]:
@@ -236,13 +309,22 @@ def table(rows: list[dict], seen: set[str] | None = None) -> str:
     errors = [abs(r["error_rel"]) for r in rows if "error_rel" in r]
     if errors:
         lines.append("\n" + summary(errors, "", f" ({len(rows) - len(errors)} failed)"))
+    pinned = [r for r in rows if "run_levels" in r]
+    if pinned:
+        levels = [v for r in pinned for v in r["run_levels"]]
+        lines.append(f"pinned: each run's prediction x the host's level at its time (measured "
+                     f"/ predicted of the {PIN_NEIGHBOURS} reference runs of its world nearest "
+                     f"to it), level median x{statistics.median(levels):.3f}, "
+                     f"range x{min(levels):.3f}-x{max(levels):.3f}")
+        lines.append(summary([abs(r["raw_predicted_s"] / r["measured_s"] - 1) for r in pinned],
+                             "unpinned (the profile's own predictions): "))
     spread = spread_summary(rows)
     if spread:
         lines.append(spread)
     for label, keep in ((f"families the fit saw at other shapes ({', '.join(sorted(seen or ()))}): ",
                          True), ("families the fit never saw: ", False)):
         part = [abs(r["error_rel"]) for r in rows
-                if "error_rel" in r and (family(r["model"]) in seen) == keep]
+                if "error_rel" in r and (family(r["model"]) in (seen or ())) == keep]
         if seen and part:
             lines.append(summary(part, label))
     return "\n".join(lines)
@@ -265,7 +347,14 @@ def main(argv=None) -> int:
     ap.add_argument("--calibrate-each-round", default=None, metavar="DIR",
                     help="calibrate the host into DIR/round-N.json before each round and "
                          "predict that round's runs with it (a host whose speed drifts)")
-    ap.add_argument("--json", default=None, help="also write every row to this file")
+    ap.add_argument("--pin-level", action="store_true",
+                    help="run the calibration study's points among the set's in every round "
+                         "and scale each run's prediction by the host's level at its time "
+                         "(the reference runs nearest to it; a host whose speed moves by "
+                         "the minute)")
+    ap.add_argument("--json", default=None, help="also write every row to this file (with "
+                    "--pin-level, the reference runs beside it: FILE's stem + "
+                    ".references.json)")
     ap.add_argument("--repredict", default=None, metavar="ROWS",
                     help="run nothing: predict the measured rows of an earlier --json file "
                          "again with the current profile, and print that table")
@@ -279,11 +368,18 @@ def main(argv=None) -> int:
         ap.error("--profile and --profiles: choose one")
     if args.profile and args.calibrate_each_round:
         ap.error("--profile and --calibrate-each-round: choose one")
+    if args.pin_level and args.calibrate_each_round:
+        ap.error("--pin-level and --calibrate-each-round: choose one")
     if args.repeat < 1:
         ap.error(f"--repeat must be >= 1, got {args.repeat}")
     if args.repredict:
-        rows = repredict(json.loads(Path(args.repredict).read_text()), args.profiles,
-                         args.profile)
+        refs = references_path(args.repredict)
+        try:
+            rows = repredict(json.loads(Path(args.repredict).read_text()), args.profiles,
+                             args.profile,
+                             json.loads(refs.read_text()) if refs.exists() else None)
+        except ValueError as e:
+            ap.error(str(e))
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
         print(table(rows, fitted_families(args.profile)))
@@ -294,6 +390,8 @@ def main(argv=None) -> int:
     chosen = [p for p in points(worlds)
               if not args.only or args.only in f"{p['model']} {p['plan']}"]
     runs: list[list[dict]] = [[] for _ in chosen]
+    refs_chosen = reference_points(worlds) if args.pin_level else []
+    references: list[dict] = []
     start = time.perf_counter()
     rows = []
     for round_ in range(args.repeat):  # rounds: a slow spell of the host hits one run per point
@@ -304,21 +402,36 @@ def main(argv=None) -> int:
             print(f"  [{time.perf_counter() - start:6.0f} s] round {round_ + 1}: calibrating",
                   flush=True)
             profile = calibrate_now(folder / f"round-{round_ + 1}.json")
-        for i, p in enumerate(chosen):
-            if runs[i] and "error" in runs[i][-1]:
+        for kind, i in interleave(len(chosen), len(refs_chosen)):
+            p = chosen[i] if kind == "point" else refs_chosen[i]
+            if kind == "point" and runs[i] and "error" in runs[i][-1]:
                 continue  # failed once: reported, not retried
-            runs[i].append(run_once(p, args.steps, args.warmup, args.min_timed_s))
-            r = runs[i][-1]
+            r = run_once(p, args.steps, args.warmup, args.min_timed_s)
+            r["t_s"] = time.time()
             if profile and "error" not in r:
                 r.update(predict(p, profile))
+            if kind == "reference":
+                if "error" not in r:
+                    references.append({**p, "t_s": r["t_s"], "measured_s": r["step_time_s"],
+                                       "predicted_s": r["predicted_s"]})
+                note = r.get("error") or f"{r['step_time_s'] * 1e3:.2f} ms"
+                print(f"  [{time.perf_counter() - start:6.0f} s] round {round_ + 1}/"
+                      f"{args.repeat} reference {i + 1}/{len(refs_chosen)} {p['model']} "
+                      f"{p['plan']} w{p['world']}: {note}", flush=True)
+                continue
+            runs[i].append(r)
             note = r.get("error") or (f"{r['step_time_s'] * 1e3:.2f} ms ({r['steps']} steps) "
                                       f"vs {r['predicted_s'] * 1e3:.2f} ms")
             print(f"  [{time.perf_counter() - start:6.0f} s] round {round_ + 1}/{args.repeat} "
                   f"{i + 1}/{len(chosen)} {p['model']} {p['plan']} w{p['world']}: {note}",
                   flush=True)
+        if args.pin_level:
+            pin(chosen, runs, references)
         rows = [combine(p, r) for p, r in zip(chosen, runs)]
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
+            if args.pin_level:
+                references_path(args.json).write_text(json.dumps(references, indent=1))
     print(table(rows, fitted_families(args.profile)))
     return 0
 

@@ -65,6 +65,24 @@ def test_a_group_no_run_exercises_keeps_its_synthetic_level(shipped):
     fit = cf.fit_scales(shipped, measured_with(shipped, {4: {"fsdp_call": 0.7}}))
     # no PP or CP run: the prior alone speaks, and log(scale) = 0 is its minimum
     assert fit["scales"][2]["pp_action"] == 1.0 and fit["scales"][4]["cp_step"] == 1.0
+    # and says so: the shipped profile's world 2 prices 0 s per pipeline action
+    assert fit["unfitted"][4]["cp_step"] == "unused"
+    assert fit["unfitted"][2]["pp_action"] == ("zero" if cf.unscaled_figures(shipped)[2]
+                                               ["pp_action_s"] == 0 else "unused")
+    assert "fsdp_call" not in fit["unfitted"][4]  # the runs move it
+
+
+def test_a_group_whose_synthetic_figures_are_zero_is_reported_unfitted_not_x1(shipped):
+    profile = json.loads(json.dumps(shipped))
+    for w in profile["worlds"]:
+        if w["ranks"] == 4:
+            w["chip"]["efficiency"]["tp_collective_s"] = 0.0  # TP runs exercise it, but 0 x s = 0
+    fit = cf.fit_scales(profile, measured_with(profile, {4: {"fsdp_call": 0.7}}))
+    assert fit["unfitted"][4]["tp_collective"] == "zero"
+    words = next(line for line in cf.fit_summary({**fit, "runs": []}).splitlines()
+                 if line.startswith("world 4: "))
+    assert ("tp_collective (not fitted: its synthetic figures are 0 s, which no scale moves)"
+            in words and "cp_step (not fitted: no run exercises it)" in words)
 
 
 def test_applying_a_fit_twice_does_not_compound(shipped):

@@ -155,3 +155,75 @@ def test_the_host_check_warns_when_the_host_is_not_the_profiles(bench, monkeypat
     assert "matmul_flops_per_s -40% (limit 8%)" in words and "copy_Bps" not in words
     monkeypatch.setattr(calibrate_drift, "measure_host", lambda settings: figures)
     assert "warning" not in bench.host_check(str(path))
+
+
+def test_the_host_level_is_the_median_of_the_nearest_reference_runs_of_its_world():
+    from workbench.calibrate_drift import host_level
+    refs = [{"t_s": t, "world": w, "measured_s": m, "predicted_s": 0.010}
+            for t, w, m in ((0, 2, 0.011), (10, 2, 0.012), (20, 2, 0.014), (30, 2, 0.020),
+                            (12, 4, 0.030))]
+    # nearest 3 of world 2 to t = 12: t = 10, 20, 0 -> 1.2, 1.4, 1.1 -> median 1.2
+    assert host_level(12, 2, refs, neighbours=3) == pytest.approx(1.2)
+    # nearest 2 to t = 29: t = 30, 20 -> 2.0, 1.4 -> median 1.7
+    assert host_level(29, 2, refs, neighbours=2) == pytest.approx(1.7)
+    assert host_level(12, 4, refs) == pytest.approx(3.0)   # one reference of world 4
+    assert host_level(12, 8, refs) is None                 # none of world 8
+
+
+def test_reference_runs_are_spread_evenly_through_a_round(bench):
+    # points at 1/8, 3/8, 5/8, 7/8; references at 1/4, 3/4
+    assert bench.interleave(4, 2) == [("point", 0), ("reference", 0), ("point", 1),
+                                      ("point", 2), ("reference", 1), ("point", 3)]
+    # a tie (1/2 and 1/2): the point first
+    assert bench.interleave(1, 1) == [("point", 0), ("reference", 0)]
+    assert bench.interleave(2, 0) == [("point", 0), ("point", 1)]
+
+
+def test_pin_level_scales_each_run_by_the_level_of_its_minute(bench, monkeypatch, tmp_path,
+                                                               capsys):
+    chosen = [{"model": "m", "overrides": {}, "plan": "dp=2", "world": 2}]
+    refs = [{"model": "r", "overrides": {}, "plan": "dp=2", "world": 2}]
+    monkeypatch.setattr(bench, "points", lambda worlds: chosen)
+    monkeypatch.setattr(bench, "reference_points", lambda worlds: refs)
+    monkeypatch.setattr(bench, "host_check", lambda profile=None: "host check: not timed here")
+    clock = iter(range(100))
+    monkeypatch.setattr(bench.time, "time", lambda: float(next(clock)))
+    # the host: 20 ms for the point in round 1, 30 ms in round 2; the reference 1.5x and
+    # 2.5x its prediction of 10 ms in the same rounds; the point is predicted 10 ms
+    measured = {("m", 0): 0.020, ("r", 0): 0.015, ("m", 1): 0.030, ("r", 1): 0.025}
+    seen = []
+
+    def fake_run(point, steps, warmup, min_timed_s):
+        seen.append(point["model"])
+        rnd = (len(seen) - 1) // 2
+        return {"step_time_s": measured[(point["model"], rnd)], "steps": steps,
+                "predicted_s": 0.010, "breakdown_s": {}}
+    monkeypatch.setattr(bench, "run_once", fake_run)
+    out = tmp_path / "rows.json"
+    assert bench.main(["--repeat", "2", "--pin-level", "--json", str(out)]) == 0
+    assert seen == ["m", "r", "m", "r"]
+    row = json.loads(out.read_text())[0]
+    # run 1 ends at t = 0, the references at t = 1 (x1.5) and t = 3 (x2.5): the 6 nearest
+    # of world 2 are both, median x2.0, for either run -> 20 ms each; measured: median of
+    # 20 and 30 = 25 ms -> error 20 / 25 - 1 = -20%; unpinned 10 / 25 - 1 = -60%
+    assert row["run_levels"] == [2.0, 2.0] and row["run_t_s"] == [0.0, 2.0]
+    assert row["predicted_s"] == pytest.approx(0.020) and row["raw_predicted_s"] == 0.010
+    assert row["error_rel"] == pytest.approx(-0.2)
+    saved = json.loads(bench.references_path(str(out)).read_text())
+    assert [(r["model"], r["t_s"], r["measured_s"]) for r in saved] == [
+        ("r", 1.0, 0.015), ("r", 3.0, 0.025)]
+    printed = capsys.readouterr().out
+    assert "level median x2.000, range x2.000-x2.000" in printed
+    assert "unpinned (the profile's own predictions): 1 points: max |error| 60.0%" in printed
+    assert "level median x2.000" in bench.table([row])  # no fit named: one summary
+    # predicted again with another profile: the references too, so the level follows it
+    monkeypatch.setattr(bench, "predict", lambda p, profile: {
+        "predicted_s": 0.005 if p["model"] == "r" else 0.008, "breakdown_s": {}})
+    again = bench.repredict([row], None, "other.json", saved)[0]
+    # references 15 / 5 = 3.0 and 25 / 5 = 5.0: level x4.0; 8 ms x 4 = 32 ms
+    assert again["run_levels"] == [4.0, 4.0] and again["predicted_s"] == pytest.approx(0.032)
+    assert again["error_rel"] == pytest.approx(0.032 / 0.025 - 1)
+    with pytest.raises(ValueError, match="pinned"):
+        bench.repredict([row], None, "other.json")  # without the reference runs
+    with pytest.raises(SystemExit):
+        bench.main(["--pin-level", "--calibrate-each-round", str(tmp_path)])

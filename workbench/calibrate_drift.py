@@ -20,6 +20,8 @@ the validation set by 43-64% on a 2-core EPYC at 54-66 GFLOP/s and 10-17 GB/s (2
 A host can also be steady in the mean and noisy from one run to the next: `run_spread_rel`
 and `spread_line` say how far repeated runs of a point differ (the validation benchmark and
 `calibrate --fit-repeat` print it), the floor under any prediction's error on that host.
+And its level can move by the minute: `host_level` reads it from reference runs of other
+models taken among the runs it pins (`benchmarks/cpu_validation.py --pin-level`).
 """
 from __future__ import annotations
 
@@ -137,3 +139,26 @@ def spread_line(runs_s: list[list[float]], what: str,
             f"{100 * statistics.median(spreads):.1f}%, largest {100 * max(spreads):.1f}%, "
             f"{sum(s > limit for s in spreads)} whose own runs differ by more than "
             f"{100 * limit:.0f}%")
+
+
+PIN_NEIGHBOURS = 6
+"""How many reference runs of a world, the nearest in time, `host_level` takes the median
+over: on the 2-core host of 2026-12-07 the level read from 6 or 10 of them left the same
+error on the runs between them (median 8.4%), while one run alone moves by 5-8%."""
+
+
+def host_level(t_s: float, world: int, references: list[dict],
+               neighbours: int = PIN_NEIGHBOURS) -> float | None:
+    """How slow the host ran at time `t_s` for `world` ranks against the profile's
+    predictions: the median of measured / predicted step time over the `neighbours` reference
+    runs of that world nearest to `t_s` (each `{t_s, world, measured_s, predicted_s}`); None
+    when there is none. Reference runs are of other models than the ones pinned to them (the
+    calibration study's), measured among them, so that a slow spell of the shared host moves
+    both alike: on the 2-core host of 2026-12-07, 32 calibration runs interleaved with 37
+    validation runs were under-predicted alike (median -24% and -22%), and that level moved
+    between -19% and -28% from one 3-minute stretch to the next."""
+    same = sorted((r for r in references if r["world"] == world),
+                  key=lambda r: abs(r["t_s"] - t_s))[:neighbours]
+    if not same:
+        return None
+    return float(statistics.median(r["measured_s"] / r["predicted_s"] for r in same))

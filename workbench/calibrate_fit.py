@@ -147,7 +147,8 @@ def fit_scales(profile: dict, runs: list[dict], passes: int = 2) -> dict:
     minimise the relative errors (prediction / measured - 1) plus the prior `PRIOR_WEIGHT` x
     log(scale), within `SCALE_BOUNDS`; `passes` times, each linearised at the last answer
     (the step time is linear in most figures: the overlap and the shared-core pipeline bend
-    it a little). Returns {scales, unscaled, error_before, error_after} (per world; errors
+    it a little). Returns {scales, unscaled, error_before, error_after, unfitted} (per
+    world; `unfitted`: the groups kept at 1 and why, `UNFITTED_WORDS`'s keys; errors
     per run, in run order, from the cost model itself)."""
     if not runs:
         raise ValueError("--fit-on: the study has no runs to fit the framework figures to")
@@ -160,7 +161,7 @@ def fit_scales(profile: dict, runs: list[dict], passes: int = 2) -> dict:
     groups = list(FIT_GROUPS)
     lo, hi = np.log(SCALE_BOUNDS[0]), np.log(SCALE_BOUNDS[1])
     scales = {w: {g: 1.0 for g in groups} for w in unscaled}
-    before, after = {}, {}
+    before, after, unfitted = {}, {}, {}
     for w in worlds:
         sub = [r for r in runs if r["world"] == w]
         measured = np.array([r["step_time_s"] for r in sub], dtype=float)
@@ -187,8 +188,26 @@ def fit_scales(profile: dict, runs: list[dict], passes: int = 2) -> dict:
             theta, t0 = theta_new, times(theta_new)
         scales[w] = dict(zip(groups, np.exp(theta).round(4).tolist()))
         after[w] = (t0 / measured - 1).tolist()
+        unfitted[w] = {g: ("zero" if all(unscaled[w].get(f, 0.0) == 0.0 for f in FIT_GROUPS[g])
+                           else "unused") for g, on in zip(groups, active) if not on}
     return {"scales": {w: scales[w] for w in worlds}, "unscaled": unscaled,
-            "error_before": before, "error_after": after}
+            "error_before": before, "error_after": after, "unfitted": unfitted}
+
+
+UNFITTED_WORDS = {"zero": "not fitted: its synthetic figures are 0 s, which no scale moves",
+                  "unused": "not fitted: no run exercises it"}
+"""Why a group kept scale 1 (`fit_scales`' `unfitted`): at world 2 the pipeline's synthetic
+cost per action beyond its sends is 0 s on the 2-core host (`pp_action_s`: the 1F1B
+microbatch of a 16 x 16 Linear cost no more than its two send/recv calls), so the fit cannot
+price the pipeline there, whatever the runs say."""
+
+
+def scale_words(scales: dict[str, float], unfitted: dict[str, str] | None = None) -> str:
+    """A world's scales in words: `group xS`, or `group not fitted: why` for the groups the
+    fit could not move (`UNFITTED_WORDS`)."""
+    unfitted = unfitted or {}
+    return ", ".join(f"{g} ({UNFITTED_WORDS[unfitted[g]]})" if g in unfitted else f"{g} x{v:.2f}"
+                     for g, v in scales.items())
 
 
 def apply_fit(profile: dict, runs: list[dict], study: str = "") -> dict:
@@ -204,6 +223,7 @@ def apply_fit(profile: dict, runs: list[dict], study: str = "") -> dict:
         "unscaled": {str(w): v for w, v in fit["unscaled"].items()},
         "error_before": {str(w): e for w, e in fit["error_before"].items()},
         "error_after": {str(w): e for w, e in fit["error_after"].items()},
+        "unfitted": {str(w): u for w, u in fit["unfitted"].items()},
         "runs": runs}
     for ranks, chip in _world_chips(out):
         if ranks in fit["scales"]:
@@ -211,7 +231,7 @@ def apply_fit(profile: dict, runs: list[dict], study: str = "") -> dict:
             note = (f" Framework figures scaled to {sum(r['world'] == ranks for r in runs)} real "
                     f"runs of {Path(study).name or 'a calibration study'} ({stamp}, "
                     f"workbench calibrate --fit-on): "
-                    + ", ".join(f"{g} x{v:.2f}" for g, v in s.items()) + ".")
+                    + scale_words(s, fit["unfitted"].get(ranks)) + ".")
             src = chip["efficiency"].get("source", "")
             chip["efficiency"]["source"] = src.split(" Framework figures scaled")[0] + note
     return out
@@ -267,7 +287,7 @@ def fit_summary(fit: dict) -> str:
     for w, s in fit["scales"].items():
         b = statistics.median(abs(x) for x in fit["error_before"][w])
         a = statistics.median(abs(x) for x in fit["error_after"][w])
-        lines.append(f"world {w}: " + ", ".join(f"{g} x{v:.2f}" for g, v in s.items())
+        lines.append(f"world {w}: " + scale_words(s, fit.get("unfitted", {}).get(w))
                      + f"; median |error| of its runs {b:.1%} -> {a:.1%}")
     spread = spread_line([r.get("run_step_times_s") or [] for r in fit.get("runs", [])],
                          "fit points")
