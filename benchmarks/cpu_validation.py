@@ -80,20 +80,13 @@ FIT_STUDY = STUDY.with_name("cpu-calibration.toml")
 the validation's 16 model families; the other 10 are reported apart, never seen by the fit."""
 
 
-def points(worlds=(2, 4)) -> list[dict]:
-    """Every point of `studies/cpu-validation.toml` at the given world sizes:
-    {model, overrides, plan, world}."""
+def points(worlds=(2, 4), study: Path = STUDY) -> list[dict]:
+    """Every point of `study` (default `studies/cpu-validation.toml`; `FIT_STUDY`: the
+    reference runs of `--pin-level`) at the given world sizes: {model, overrides, plan,
+    world}."""
     from workbench.study import load
     return [{"model": p.model, "overrides": p.overrides, "plan": p.plan, "world": p.chips}
-            for p in load(STUDY).points if p.chips in worlds]
-
-
-def reference_points(worlds=(2, 4)) -> list[dict]:
-    """The calibration study's points at the given world sizes (`FIT_STUDY`: other shapes
-    than the validation's), the reference runs of `--pin-level`."""
-    from workbench.study import load
-    return [{"model": p.model, "overrides": p.overrides, "plan": p.plan, "world": p.chips}
-            for p in load(FIT_STUDY).points if p.chips in worlds]
+            for p in load(study).points if p.chips in worlds]
 
 
 def interleave(n_points: int, n_references: int) -> list[tuple[str, int]]:
@@ -390,7 +383,7 @@ def main(argv=None) -> int:
     chosen = [p for p in points(worlds)
               if not args.only or args.only in f"{p['model']} {p['plan']}"]
     runs: list[list[dict]] = [[] for _ in chosen]
-    refs_chosen = reference_points(worlds) if args.pin_level else []
+    refs_chosen = points(worlds, FIT_STUDY) if args.pin_level else []
     references: list[dict] = []
     start = time.perf_counter()
     rows = []

@@ -183,8 +183,9 @@ def test_pin_level_scales_each_run_by_the_level_of_its_minute(bench, monkeypatch
                                                                capsys):
     chosen = [{"model": "m", "overrides": {}, "plan": "dp=2", "world": 2}]
     refs = [{"model": "r", "overrides": {}, "plan": "dp=2", "world": 2}]
-    monkeypatch.setattr(bench, "points", lambda worlds: chosen)
-    monkeypatch.setattr(bench, "reference_points", lambda worlds: refs)
+    monkeypatch.setattr(bench, "points",
+                        lambda worlds, study=bench.STUDY: refs if study == bench.FIT_STUDY
+                        else chosen)
     monkeypatch.setattr(bench, "host_check", lambda profile=None: "host check: not timed here")
     clock = iter(range(100))
     monkeypatch.setattr(bench.time, "time", lambda: float(next(clock)))
