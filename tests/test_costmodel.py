@@ -182,7 +182,9 @@ def test_search_plans_are_valid_and_agree_with_estimate():
     assert e.step_time_s == pytest.approx(result.metrics["step_time_s"][best])
     assert e.memory.fits
     steps = result.metrics["step_time_s"][result.ranking]
-    assert np.all(np.diff(steps) >= 0)  # ranked by throughput (same global batch)
+    # ranked by throughput (same global batch): ties of gbs / step may order their step times
+    # by an ulp either way (replayed pipelines sum their ops in schedule order)
+    assert np.all(np.diff(steps) >= -1e-12 * steps[1:])
 
 
 def test_search_pins_keys_and_rejects_impossible_batches():

@@ -43,3 +43,32 @@ def test_the_engine_runs_the_schedule_when_ranks_share_cores():
     # faster than with every rank busy, so the schedule beats m x the slowest stage
     assert b["bubble_s"] < 0
     assert est.step_time_s < b["compute_s"] + b["pp_comm_s"] + b["optimizer_s"]
+
+
+def test_own_cores_unequal_1f1b_hides_the_light_stage_behind_warm_up():
+    # unet-tiny PP 2 as measured (ms): stage 0 F 11.2 B 33.4, stage 1 F 5.1 B 8.7, m = 2.
+    # Traced: s0 F1 0-11.2, F2 11.2-22.4; s1 F1 11.2-16.3, B1 16.3-25.0; s0 B1 25.0-58.4;
+    # s1 F2 25.0-30.1, B2 30.1-38.8; s0 B2 58.4-91.8. The closed form charges stage 0 all
+    # of stage 1's pass: 2 x 44.6 + 13.8 = 103.0
+    span = shared_core_pipeline_s([11.2, 5.1], [33.4, 8.7], 2, 1, "1f1b", 1.0)
+    assert span == pytest.approx(91.8)
+
+
+def test_the_engine_replays_short_schedules_on_own_cores(monkeypatch):
+    from workbench.costmodel import engine
+    cluster = hardware.load_cpu_cluster(2)
+    assert efficiency_for(cluster.chip).rank_contention == 1.0
+    graph = costmodel.graph(models.get("unet-tiny"))
+    plan = "pp=2,mb=2,dtype=fp32"  # m = 2: 8 ops, well under REPLAY_MAX_OPS
+    replayed = costmodel.estimate(graph, plan, cluster)
+    monkeypatch.setattr(engine, "REPLAY_MAX_OPS", 0)
+    closed = costmodel.estimate(graph, plan, cluster)
+    # the same stages: only the bubble differs, and the closed form is the upper bound
+    assert replayed.breakdown_s["compute_s"] == pytest.approx(closed.breakdown_s["compute_s"])
+    assert 0 <= replayed.breakdown_s["bubble_s"] < closed.breakdown_s["bubble_s"]
+    assert replayed.step_time_s < closed.step_time_s
+    # a long schedule (m = 256 on 2 stages: 1024 ops) keeps the closed form
+    long = "pp=2,mb=2,gbs=512,dtype=fp32"
+    long_closed = costmodel.estimate(graph, long, cluster)
+    monkeypatch.setattr(engine, "REPLAY_MAX_OPS", 512)
+    assert costmodel.estimate(graph, long, cluster).step_time_s == long_closed.step_time_s

@@ -70,3 +70,43 @@ def shared_core_pipeline_s(fwd_s, bwd_s, m: int, vpp: int, schedule: str,
     if any(n != len(o) for n, o in zip(nxt, orders)):
         raise RuntimeError("pipeline schedule deadlocked")  # a bug in the schedule tables
     return now
+
+
+def own_core_pipeline_s(fwd_s, bwd_s, m: int, vpp: int, schedule: str):
+    """Seconds from the first forward to the last backward of one step's pipeline when every
+    rank has its own core or chip, for many plans at once: `fwd_s[s]`, `bwd_s[s]` are arrays
+    over the plans (one microbatch through all of stage s's chunks, sends and receives
+    included; each chunk takes 1 / vpp). The schedule's exact order (`simulator.schedules`):
+    an op starts once its stage is free and the ops it depends on have finished, so the
+    span is the longest path through the schedule, one vector operation per op. The same
+    span as `shared_core_pipeline_s` with `rank_contention` 1, for all plans of one
+    (pp, vpp, m, schedule) in one pass."""
+    import numpy as np
+    from ..simulator.schedules import dependencies, stage_order
+    fwd, bwd = np.asarray(fwd_s, dtype=float), np.asarray(bwd_s, dtype=float)
+    pp = len(fwd)
+    if len(bwd) != pp:
+        raise ValueError(f"bwd_s has {len(bwd)} stages, fwd_s {pp}")
+    work = {"F": fwd / vpp, "B": bwd / vpp}
+    orders = [stage_order(schedule, s, pp, vpp, m) for s in range(pp)]
+    free = [np.zeros(fwd.shape[1:])] * pp  # when each stage finishes its last op
+    done: dict[tuple, np.ndarray] = {}
+    nxt = [0] * pp
+    progressed = True
+    while progressed:
+        progressed = False
+        for s in range(pp):
+            while nxt[s] < len(orders[s]):
+                op = orders[s][nxt[s]]
+                deps = dependencies(op, s, pp, vpp)
+                if any(d not in done for d in deps):
+                    break
+                start = free[s]
+                for d in deps:
+                    start = np.maximum(start, done[d])
+                done[(s, op)] = free[s] = start + work[op.kind][s]
+                nxt[s] += 1
+                progressed = True
+    if any(n != len(o) for n, o in zip(nxt, orders)):
+        raise RuntimeError("pipeline schedule deadlocked")  # a bug in the schedule tables
+    return np.max(free, axis=0)
