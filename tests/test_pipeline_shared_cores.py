@@ -1,9 +1,11 @@
 """The pipeline on ranks that share cores (`costmodel.pipeline`), and the engine's use of it."""
+import numpy as np
 import pytest
 
 from workbench import costmodel, hardware, models
+from workbench.costmodel import pipeline
 from workbench.costmodel.efficiency import efficiency_for
-from workbench.costmodel.pipeline import shared_core_pipeline_s
+from workbench.costmodel.pipeline import own_core_pipeline_s, shared_core_pipeline_s
 
 
 def test_own_cores_balanced_1f1b_is_m_plus_pp_minus_1_passes():
@@ -54,21 +56,32 @@ def test_own_cores_unequal_1f1b_hides_the_light_stage_behind_warm_up():
     assert span == pytest.approx(91.8)
 
 
+def test_own_core_replay_of_many_plans_is_the_fluid_model_on_own_cores():
+    # one vector pass per (pp, vpp, m, schedule) against shared_core_pipeline_s plan by plan
+    rng = np.random.default_rng(0)
+    for schedule, vpp, pp, m in [("1f1b", 1, 2, 2), ("1f1b", 1, 4, 8), ("gpipe", 1, 3, 5),
+                                 ("interleaved-1f1b", 2, 2, 4), ("interleaved-1f1b", 2, 4, 8)]:
+        fwd, bwd = rng.uniform(0.1, 3, (pp, 6)), rng.uniform(0.1, 6, (pp, 6))
+        spans = own_core_pipeline_s(fwd, bwd, m, vpp, schedule)
+        one_by_one = [shared_core_pipeline_s(fwd[:, j], bwd[:, j], m, vpp, schedule, 1.0)
+                      for j in range(6)]
+        assert spans == pytest.approx(one_by_one)
+
+
 def test_the_engine_replays_short_schedules_on_own_cores(monkeypatch):
-    from workbench.costmodel import engine
     cluster = hardware.load_cpu_cluster(2)
     assert efficiency_for(cluster.chip).rank_contention == 1.0
     graph = costmodel.graph(models.get("unet-tiny"))
     plan = "pp=2,mb=2,dtype=fp32"  # m = 2: 8 ops, well under REPLAY_MAX_OPS
     replayed = costmodel.estimate(graph, plan, cluster)
-    monkeypatch.setattr(engine, "REPLAY_MAX_OPS", 0)
+    # a long schedule (m = 1024 on 2 stages: 4096 ops) keeps the closed form
+    long = "pp=2,mb=2,gbs=2048,dtype=fp32"
+    assert 2 * 1024 * 2 > pipeline.REPLAY_MAX_OPS
+    long_default = costmodel.estimate(graph, long, cluster)
+    monkeypatch.setattr(pipeline, "REPLAY_MAX_OPS", 0)
     closed = costmodel.estimate(graph, plan, cluster)
     # the same stages: only the bubble differs, and the closed form is the upper bound
     assert replayed.breakdown_s["compute_s"] == pytest.approx(closed.breakdown_s["compute_s"])
     assert 0 <= replayed.breakdown_s["bubble_s"] < closed.breakdown_s["bubble_s"]
     assert replayed.step_time_s < closed.step_time_s
-    # a long schedule (m = 256 on 2 stages: 1024 ops) keeps the closed form
-    long = "pp=2,mb=2,gbs=512,dtype=fp32"
-    long_closed = costmodel.estimate(graph, long, cluster)
-    monkeypatch.setattr(engine, "REPLAY_MAX_OPS", 512)
-    assert costmodel.estimate(graph, long, cluster).step_time_s == long_closed.step_time_s
+    assert costmodel.estimate(graph, long, cluster).step_time_s == long_default.step_time_s

@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 
+from workbench.costmodel.pipeline import own_core_pipeline_s
 from workbench.simulator.schedules import (Op, dependencies, peak_in_flight, stage_and_chunk,
                                            stage_order, virtual_stage, warmup_forwards)
 from workbench.simulator.trace import (CATEGORIES, TimelineEvent, chrome_trace, gantt_figure,
@@ -23,31 +24,11 @@ def ops(text: str) -> list[Op]:
 
 
 def simulate(schedule: str, pp: int, vpp: int, m: int, f_s: float, b_s: float) -> float:
-    """List-schedule every stage's order with fixed op times; return the makespan.
-
-    Each stage runs its ops in order; an op starts when the stage is free and its
-    `dependencies` have finished. Fails (deadlock) if some stage can never go on.
-    """
-    orders = [stage_order(schedule, s, pp, vpp, m) for s in range(pp)]
-    finish: dict[tuple[int, Op], float] = {}
-    nxt, free = [0] * pp, [0.0] * pp
-    progress = True
-    while progress:
-        progress = False
-        for s in range(pp):
-            while nxt[s] < len(orders[s]):
-                op = orders[s][nxt[s]]
-                deps = dependencies(op, s, pp, vpp)
-                if any(d not in finish for d in deps):
-                    break
-                start = max([free[s]] + [finish[d] for d in deps])
-                free[s] = start + (f_s if op.kind == "F" else b_s)
-                finish[(s, op)] = free[s]
-                nxt[s] += 1
-                progress = True
-    stuck = [s for s in range(pp) if nxt[s] < len(orders[s])]
-    assert not stuck, f"deadlock: stages {stuck} wait on {[orders[s][nxt[s]] for s in stuck]}"
-    return max(free)
+    """Makespan of every stage's order with fixed op times (`f_s`, `b_s` per chunk's op):
+    the cost model's replay (`own_core_pipeline_s`, which takes a microbatch's time through
+    all of a stage's chunks). Raises if some stage can never go on (deadlock)."""
+    span = own_core_pipeline_s([[f_s * vpp]] * pp, [[b_s * vpp]] * pp, m, vpp, schedule)
+    return float(span[0])
 
 
 # -- hand-written orders ------------------------------------------------------------------

@@ -47,7 +47,7 @@ so GPU predictions do not depend on them; a calibrated chip carries measured val
   ranks share cores (`rank_contention` ranks per core, stage times measured with every rank
   busy: a stage that runs while others wait runs faster, and the bubble, the span minus
   m x T_mb, is negative where a heavy stage mostly runs alone) and wherever the schedule is
-  short (`REPLAY_MAX_OPS`); elsewhere the closed form `pipeline_bubble_s`, which is exact for
+  short (`pipeline.REPLAY_MAX_OPS`); elsewhere the closed form `pipeline_bubble_s`, which is exact for
   balanced stages and an upper bound for unbalanced ones.
 """
 from __future__ import annotations
@@ -55,12 +55,12 @@ from __future__ import annotations
 import numpy as np
 
 from ..hardware import Cluster
-from ..plan import SCHEDULES, Plan
+from ..plan import Plan
 from . import comm
 from .efficiency import efficiency_for
 from .measured import measured_kernels, spread_model_passes
 from .memory import memory_per_stage
-from .pipeline import own_core_pipeline_s, shared_core_pipeline_s
+from .pipeline import replayed_spans_s
 from .plans import DTYPE_BYTES, CostOptions, PlanArrays
 from .profile import GraphProfile, _row
 from .volumes import (RECOMPUTE_FULL, RECOMPUTE_SELECTIVE, group_of, layer_collectives, p2p_bytes,
@@ -288,7 +288,6 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
     _, row_tensors, row_tp_tensors = layer_facts(prof)
     pre_params, post_params = counts[0] @ p_sig, counts[-1] @ p_sig  # FSDP roots: N each
     groups = {}
-    shared_cores = eff.rank_contention > 1
     stage_passes = {}  # (pp, vpp) -> (plan indices, forward share, seconds) per stage
     for (pp, vpp) in {(int(a), int(b)) for a, b in zip(plans.pp, plans.vpp)}:
         idx = np.nonzero((plans.pp == pp) & (plans.vpp == vpp))[0]
@@ -338,23 +337,11 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
         action_s = plans.vpp[idx] * (eff.pp_action_s + t_p2p[idx])  # a pass's sends, receives
         fwd = fwd_part * stage_s + action_s
         bwd = (1 - fwd_part) * stage_s + action_s
-        if shared_cores:
-            span = np.array([shared_core_pipeline_s(
-                fwd[:, j], bwd[:, j], int(m[i]), int(plans.vpp[i]),
-                SCHEDULES[int(plans.schedule[i])], eff.rank_contention)
-                for j, i in enumerate(idx)])
-        else:  # every rank its own core: one pass per (m, schedule), short schedules only
-            span = np.full(len(idx), np.nan)
-            vpp, pp = int(plans.vpp[idx[0]]), int(plans.pp[idx[0]])
-            for mb, sch in {(int(m[i]), int(plans.schedule[i])) for i in idx}:
-                if 2 * mb * vpp * pp > REPLAY_MAX_OPS:
-                    continue
-                j = np.nonzero((m[idx] == mb) & (plans.schedule[idx] == sch))[0]
-                span[j] = own_core_pipeline_s(fwd[:, j], bwd[:, j], mb, vpp, SCHEDULES[sch])
+        span = replayed_spans_s(fwd, bwd, m[idx], plans.schedule[idx], int(plans.vpp[idx[0]]),
+                                eff.rank_contention)
         replayed = ~np.isnan(span)
-        out["bubble_s"][idx[replayed]] = (span[replayed]
-                                          - out["stage_time_mb_s"][idx[replayed]]
-                                          * m[idx[replayed]])
+        i = idx[replayed]
+        out["bubble_s"][i] = span[replayed] - out["stage_time_mb_s"][i] * m[i]
     out["microbatch_time_s"] = out["stage_time_mb_s"] * m
     out["step_time_s"] = (out["microbatch_time_s"] + out["bubble_s"] + out["dp_exposed_s"]
                           + out["zero_gather_s"] + out["optimizer_s"])
@@ -362,18 +349,6 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
     out.update(memory_per_stage(prof, plans, cluster, opt, share, groups, p_sig))
     out["records"] = records
     return out
-
-
-REPLAY_MAX_OPS = 2048
-"""Pipelines of at most this many forward and backward ops (2 x m x vpp x pp) replay their
-schedule; longer ones take the closed-form bubble. The closed form charges the slowest
-stage every other stage's whole forward + backward: right for balanced stages, too much
-where a stage's warm-up forwards hide a light neighbour's pass (measured, 2 cores, 1 thread
-per rank: unet-tiny PP 2 with m = 2, stage 0 at 11.2 + 33.4 ms per microbatch and stage 1
-at 13.8 ms, stepped in 89.9 ms against its 89.3 ms of stage-0 work; the closed form gave
-a 13.8 ms bubble, the replay 2.6 ms). Its share of the step, (pp - 1) / m of it, is
-largest where m is small. `own_core_pipeline_s` replays all plans of one (pp, vpp, m,
-schedule) at once: 512 ops for 1,000 plans in about 14 ms on the 2-core host."""
 
 
 def pipeline_bubble_s(others_mb_s, pp, vpp):
