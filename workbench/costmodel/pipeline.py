@@ -22,6 +22,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
+from ..plan import SCHEDULES
+
 
 def shared_core_pipeline_s(fwd_s, bwd_s, m: int, vpp: int, schedule: str,
                            rank_contention: float) -> float:
@@ -81,8 +85,7 @@ def own_core_pipeline_s(fwd_s, bwd_s, m: int, vpp: int, schedule: str):
     span is the longest path through the schedule, one vector operation per op. The same
     span as `shared_core_pipeline_s` with `rank_contention` 1, for all plans of one
     (pp, vpp, m, schedule) in one pass."""
-    import numpy as np
-    from ..simulator.schedules import dependencies, stage_order
+    from ..simulator.schedules import dependencies, stage_order  # the simulator imports us
     fwd, bwd = np.asarray(fwd_s, dtype=float), np.asarray(bwd_s, dtype=float)
     pp = len(fwd)
     if len(bwd) != pp:
@@ -131,8 +134,6 @@ def replayed_spans_s(fwd_s, bwd_s, m, schedule, vpp: int, rank_contention: float
     `plan.SCHEDULES`) per plan. Where ranks share cores every plan runs the fluid model;
     on own cores the plans of each (m, schedule) whose schedule has at most `REPLAY_MAX_OPS`
     ops replay in one pass, and the others are NaN (the caller keeps its closed form)."""
-    import numpy as np
-    from ..plan import SCHEDULES
     fwd, bwd = np.asarray(fwd_s, dtype=float), np.asarray(bwd_s, dtype=float)
     m, schedule = np.asarray(m), np.asarray(schedule)
     if rank_contention > 1:
