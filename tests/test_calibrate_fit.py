@@ -40,11 +40,54 @@ def shipped() -> dict:
     return profile
 
 
-def measured_with(profile: dict, scales: dict[int, dict[str, float]]) -> list[dict]:
-    """RUNS 'measured' as the cost model predicts them with the figures scaled by `scales`."""
+def measured_with(profile: dict, scales: dict[int, dict[str, float]],
+                  runs: list[dict] = RUNS) -> list[dict]:
+    """`runs` 'measured' as the cost model predicts them with the figures scaled by `scales`."""
     truth = cf.scaled_profile(profile, scales, cf.unscaled_figures(profile))
-    times = cf._predictor(RUNS)(truth)
-    return [{**r, "step_time_s": float(t), "steps": 6} for r, t in zip(RUNS, times)]
+    times = cf._predictor(runs)(truth)
+    return [{**r, "step_time_s": float(t), "steps": 6} for r, t in zip(runs, times)]
+
+
+COMPUTE_RUNS = RUNS + [  # compute-bound DP points whose microbatches the profile timed whole
+    {"model": m, "overrides": o, "plan": f"dp={w},mb=2,gbs={4 * w},dtype=fp32", "world": w}
+    for m, o in (("resnet-tiny", {}), ("c3d-tiny", {"dropout": 0.0})) for w in (2, 4)]
+
+
+def test_the_fit_recovers_the_compute_level_and_leaves_the_framework_alone(shipped):
+    # the host ran 20% faster (world 2) and 25% slower (world 4) than when its microbatches
+    # were timed: the fit puts that on the compute scale, not on the framework groups
+    truth = {2: {"compute": 0.8}, 4: {"compute": 1.25}}
+    fit = cf.fit_scales(shipped, measured_with(shipped, truth, COMPUTE_RUNS))
+    assert fit["scales"][2]["compute"] == pytest.approx(0.8, rel=0.03)
+    assert fit["scales"][4]["compute"] == pytest.approx(1.25, rel=0.03)
+    for w in (2, 4):
+        assert max(abs(e) for e in fit["error_after"][w]) < 0.01
+        assert all(abs(v - 1) < 0.1 for g, v in fit["scales"][w].items() if g != "compute")
+    assert max(abs(e) for e in fit["error_before"][4]) > 0.15  # the fit had work to do
+
+
+def test_the_compute_scale_multiplies_every_timed_microbatch(shipped):
+    unscaled = cf.unscaled_figures(shipped)
+    out = cf.scaled_profile(shipped, {4: {"compute": 0.5}}, unscaled)
+    w4 = [w for w in out["worlds"] if w["ranks"] == 4][0]["chip"]["efficiency"]
+    w2 = [w for w in out["worlds"] if w["ranks"] == 2][0]["chip"]["efficiency"]
+    own = [w for w in shipped["worlds"] if w["ranks"] == 4][0]["chip"]["efficiency"]
+    assert w4["model_passes_s"] and set(w4["model_passes_s"]) == set(own["model_passes_s"])
+    for key, (fwd, bwd) in own["model_passes_s"].items():
+        assert w4["model_passes_s"][key] == [fwd * 0.5, bwd * 0.5]
+    assert w2["model_passes_s"] == unscaled[2]["model_passes_s"]  # world 2 not scaled
+
+
+def test_a_profile_fitted_before_the_compute_group_starts_from_its_own_passes(shipped):
+    old = json.loads(json.dumps(shipped))
+    kept = {str(w): {f: v for f, v in figs.items() if f != "model_passes_s"}
+            for w, figs in cf.unscaled_figures(shipped).items()}
+    old["measurement"]["framework_fit"] = {"unscaled": kept}  # as written up to 2026-12-07
+    unscaled = cf.unscaled_figures(old)
+    own = [w for w in old["worlds"] if w["ranks"] == 2][0]["chip"]["efficiency"]
+    assert unscaled[2]["model_passes_s"] == {k: list(v)
+                                             for k, v in own["model_passes_s"].items()}
+    assert unscaled[2]["fsdp_gather_s"] == kept["2"]["fsdp_gather_s"]
 
 
 def test_the_fit_recovers_the_scales_the_runs_were_made_with(shipped):
@@ -161,7 +204,7 @@ plans = ["dp=*,mb=1,dtype=fp32"]
     assert cli.main(["calibrate", "--profile", "workbench/data/cpu.json", "--fit-on",
                      str(study), "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "fit run 1/1: lstm-tiny" in text and "world 2: ddp x" in text
+    assert "fit run 1/1: lstm-tiny" in text and "world 2: compute" in text and "ddp x" in text
     fit = json.loads(out.read_text())["measurement"]["framework_fit"]
     assert [r["model"] for r in fit["runs"]] == ["lstm-tiny"] and fit["runs"][0]["step_time_s"] > 0
     assert set(fit["scales"]) == {"2"}
@@ -204,3 +247,90 @@ def test_the_fit_summary_says_how_far_each_points_own_runs_differ():
                         "12.5%, largest 20.0%, 1 whose own runs differ by more than 15%")
     one_run = {**fit, "runs": [{"run_step_times_s": [0.030]}]}
     assert len(cf.fit_summary(one_run).splitlines()) == 1  # --fit-repeat 1: no spread line
+
+
+PP_RUNS = [  # pipelines of light and heavy stages: a cost per action and one per unit of work
+    {"model": m, "overrides": o, "plan": f"pp={w},mb=2,dtype=fp32", "world": w}
+    for m, o in (("gpt-tiny", {"layers": 4, "tied": False, "dropout": 0.0}), ("unet-tiny", {}),
+                 ("c3d-tiny", {"dropout": 0.0}), ("resnet-tiny", {})) for w in (2, 4)]
+
+
+def _with_factor(profile: dict, factor: float) -> dict:
+    out = json.loads(json.dumps(profile))
+    for w in out["worlds"]:
+        w["chip"]["efficiency"]["pp_compute_factor"] = factor
+    out["chip"]["efficiency"]["pp_compute_factor"] = factor
+    return out
+
+
+def test_a_pipeline_stage_computes_pp_compute_factor_times_its_time_alone(shipped):
+    from workbench import costmodel, hardware, models
+    gpt = costmodel.graph(models.get("gpt-tiny", dropout=0.0))
+    est = {f: {p: costmodel.estimate(gpt, p, hardware.cpu_cluster_from_data(
+        _with_factor(shipped, f), 2)) for p in ("pp=2,mb=2,dtype=fp32",
+                                                "dp=2,mb=2,gbs=8,dtype=fp32")}
+           for f in (1.0, 1.5)}
+    pp, dp = "pp=2,mb=2,dtype=fp32", "dp=2,mb=2,gbs=8,dtype=fp32"
+    assert est[1.5][pp].breakdown_s["compute_s"] == pytest.approx(
+        1.5 * est[1.0][pp].breakdown_s["compute_s"], rel=1e-12)
+    assert est[1.5][pp].step_time_s > est[1.0][pp].step_time_s
+    assert est[1.5][dp].step_time_s == est[1.0][dp].step_time_s  # no pipeline: no factor
+    # the simulator's stages carry the same factor (one work model for both)
+    from workbench.costmodel import CostOptions
+    from workbench.costmodel.estimator import cached_profile
+    from workbench.costmodel.plans import PlanArrays
+    from workbench.plan import Plan
+    from workbench.simulator.work import stage_work
+    arr = PlanArrays.from_plans([Plan.parse(pp)])
+    work = {f: stage_work(cached_profile(gpt), arr, hardware.cpu_cluster_from_data(
+        _with_factor(shipped, f), 2), CostOptions()) for f in (1.0, 1.5)}
+    for slow, alone in zip(work[1.5], work[1.0]):
+        assert (slow.fwd_s, slow.bwd_s) == pytest.approx((1.5 * alone.fwd_s, 1.5 * alone.bwd_s))
+
+
+def test_the_fit_tells_the_pipelines_work_from_its_actions(shipped):
+    # pipelines alone cannot tell a slow stage from a slow host (the compute scale moves them
+    # the same way): the DP runs beside them fix the compute level, as in the calibration study
+    truth = {2: {"pp_compute": 1.4}, 4: {"pp_compute": 1.2}}
+    fit = cf.fit_scales(shipped, measured_with(shipped, truth, COMPUTE_RUNS + PP_RUNS))
+    assert fit["scales"][2]["pp_compute"] == pytest.approx(1.4, rel=0.05)
+    assert fit["scales"][4]["pp_compute"] == pytest.approx(1.2, rel=0.05)
+    for w in (2, 4):
+        assert max(abs(e) for e in fit["error_after"][w]) < 0.02
+    # a profile without the figure starts from 1 (the chip's default), not from 0
+    assert cf.unscaled_figures(shipped)[2]["pp_compute_factor"] == 1.0
+
+
+def test_a_bad_pp_compute_factor_is_refused_naming_the_field(shipped):
+    from workbench.costmodel.efficiency import efficiency_from_dict, efficiency_to_dict
+    eff = dict(shipped["chip"]["efficiency"])
+    for bad in (0.0, 5.0, "x"):
+        with pytest.raises(ValueError, match=r"efficiency\.pp_compute_factor must be"):
+            efficiency_from_dict({**eff, "pp_compute_factor": bad})
+    e = efficiency_from_dict({**eff, "pp_compute_factor": 1.25})
+    assert e.pp_compute_factor == 1.25
+    assert efficiency_from_dict(efficiency_to_dict(e)).pp_compute_factor == 1.25
+
+
+def test_refit_kept_fits_a_profile_again_to_the_runs_it_keeps(shipped, tmp_path, capsys):
+    runs = measured_with(shipped, {2: {"fsdp_call": 1.3}, 4: {"fsdp_call": 0.7}})
+    fitted = cf.apply_fit(shipped, runs, "studies/cpu-calibration.toml")
+    fitted["measurement"]["framework_fit"]["scales"]["4"]["fsdp_call"] = 3.0  # a stale fit
+    src, out = tmp_path / "fitted.json", tmp_path / "again.json"
+    src.write_text(json.dumps(fitted))
+    assert cli.main(["calibrate", "--profile", str(src), "--refit-kept", "--out",
+                     str(out)]) == 0  # trains nothing: the runs are the profile's
+    text = capsys.readouterr().out
+    assert "fitted again to the runs it keeps" in text and "world 4: compute" in text
+    again = json.loads(out.read_text())["measurement"]["framework_fit"]
+    assert again["scales"]["4"]["fsdp_call"] == pytest.approx(0.7, rel=0.05)
+    assert again["runs"] == fitted["measurement"]["framework_fit"]["runs"]
+    # a profile without a fit has nothing to refit, and the flag needs a profile
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps(shipped))
+    assert cli.main(["calibrate", "--profile", str(plain), "--refit-kept", "--out",
+                     str(out)]) == 2
+    assert "keeps no runs of a framework fit" in capsys.readouterr().out
+    assert cli.main(["calibrate", "--merge", str(plain), "--refit-kept", "--out",
+                     str(out)]) == 2
+    assert "--refit-kept fits a --profile" in capsys.readouterr().out

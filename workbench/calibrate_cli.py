@@ -111,5 +111,8 @@ def add_command(subparsers) -> argparse.ArgumentParser:
                         "over the study, and fit to each point's median (default 1)")
     p.add_argument("--profile", metavar="PROFILE", help="measure nothing but --fit-on: start "
                    "from this profile instead of a new calibration")
+    p.add_argument("--refit-kept", action="store_true",
+                   help="with --profile: fit again to the real runs its framework fit keeps "
+                        "(none trained; after a change to the fit or the cost model)")
     p.set_defaults(func=cmd_calibrate)
     return p

@@ -10,8 +10,8 @@ of nine sets of runs: FSDP +8%, TP +16%, CP +17%), and no setting of the synthet
 (process group, compute between calls) priced both worlds.
 
 So this step trains the points of a *calibration study* for real (`runner.run`, as the
-validation does) and fits, per world, one scale per group of framework figures
-(`FIT_GROUPS`) so that the cost model's step times match the measured ones: least squares on
+validation does) and fits, per world, one scale per group of framework figures, and one
+on the compute level (`FIT_GROUPS`, `COMPUTE_LEVEL`), so that the cost model's step times match the measured ones: least squares on
 the relative error, with a weak prior that pulls every scale toward 1 (a group no run
 exercises keeps its synthetic level) and bounds `SCALE_BOUNDS`. The scaled figures replace
 the synthetic ones in the profile; the synthetic ones (`unscaled`), the scales, the runs and
@@ -37,6 +37,7 @@ import numpy as np
 from .calibrate_drift import spread_line
 
 FIT_GROUPS = {
+    "compute": ("model_passes_s",),
     "ddp": ("ddp_microbatch_s", "ddp_tensor_s", "ddp_byte_s", "ddp_step_s"),
     "fsdp_call": ("fsdp_gather_s", "fsdp_reduce_s", "fsdp_microbatch_s", "fsdp_step_s"),
     "per_tensor": ("fsdp_tensor_s", "optimizer_dtensor_s"),
@@ -44,14 +45,28 @@ FIT_GROUPS = {
     "tp_op": ("tp_op_fwd_s", "tp_op_bwd_s"),
     "cp_step": ("cp_step_s",),
     "pp_action": ("pp_action_s",),
+    "pp_compute": ("pp_compute_factor",),
 }
-"""Groups of framework figures (`ChipEfficiency` fields) that share one scale: DDP's costs;
+"""Groups of figures (`ChipEfficiency` fields) that share one scale: the host's compute level
+(`compute`: every whole-microbatch time of `model_passes_s`, a table; see `COMPUTE_LEVEL`); DDP's costs;
 FSDP's costs per call (gathers, reductions: they come in a fixed ratio per unit, so one
 scale), per microbatch and step; the cost per distributed-tensor parameter (FSDP's gathered
 tensors and the optimizer's step on distributed tensors: FSDP and TP both); TP's cost per
 collective call and per op on distributed-tensor weights; ring attention's cost per block
-step; the pipeline's cost per action. FSDP's cost per byte, the collectives' fit, the kernels
+step; the pipeline's cost per action, and its stages' compute inside the schedule over
+alone (`pp_compute_factor`, 1 before any fit). FSDP's cost per byte, the collectives' fit, the kernels
 and the overlap keep their synthetic values."""
+
+COMPUTE_LEVEL = """The compute level is fitted with the framework figures because the two are
+measured minutes apart on a host whose speed moves: on 2026-12-08 the calibration timed the
+models' microbatches at world 2 while the host read 64.5 GFLOP/s (its check at the start; 90
+at the end), and the same microbatches timed again 40 minutes later ran a median 1.31x
+faster (1.10-1.53x over the 27 models). The fit's runs, trained after the op timings, then
+scaled every framework group of world 2 down (DDP x0.58, per tensor x0.56, ring attention
+x0.41) to make up for compute priced slow: framework figures bent to carry the compute's
+level. One scale on the microbatch times, fitted to the same runs, carries that level where
+it belongs: compute x0.59, DDP x1.10 (with `pp_compute` beside it)."""
+"""Why `compute` is a fit group (see the string)."""
 
 SCALE_BOUNDS = (0.25, 4.0)
 """The range a scale may take: a fit that wants more than 4x off the synthetic level says
@@ -82,19 +97,45 @@ def scaled_profile(profile: dict, scales: dict[int, dict[str, float]],
         for group, figures in FIT_GROUPS.items():
             for fig in figures:
                 if fig in unscaled[ranks]:
-                    eff[fig] = unscaled[ranks][fig] * scales[ranks].get(group, 1.0)
+                    eff[fig] = _scaled(unscaled[ranks][fig], scales[ranks].get(group, 1.0))
     return out
+
+
+def _scaled(figure, scale: float):
+    """A figure times `scale`: a number, or a table of (forward, backward) seconds
+    (`model_passes_s`) whose every entry is."""
+    if isinstance(figure, dict):
+        return {k: [float(x) * scale for x in v] for k, v in figure.items()}
+    return float(figure) * scale
+
+
+def _is_zero(figure) -> bool:
+    """A figure no scale moves: 0 s, or an empty table."""
+    return not figure if isinstance(figure, dict) else float(figure) == 0.0
 
 
 def unscaled_figures(profile: dict) -> dict[int, dict[str, float]]:
     """Per world, the synthetic figures of `FIT_GROUPS`: the profile's own, or those kept by
     an earlier fit (`measurement.framework_fit.unscaled`), so that fits do not compound."""
-    kept = (profile.get("measurement") or {}).get("framework_fit", {}).get("unscaled")
-    if kept:
-        return {int(w): dict(v) for w, v in kept.items()}
-    return {w["ranks"]: {f: float(w["chip"]["efficiency"].get(f, 0.0))
-                         for figs in FIT_GROUPS.values() for f in figs}
-            for w in profile.get("worlds", [])}
+    kept = (profile.get("measurement") or {}).get("framework_fit", {}).get("unscaled") or {}
+    out = {}
+    for w in profile.get("worlds", []):
+        eff, old = w["chip"]["efficiency"], kept.get(str(w["ranks"]), {})
+        # a figure an earlier fit did not scale (a group added since) is the chip's own
+        out[w["ranks"]] = {f: copy.deepcopy(old[f]) if f in old else _own(eff, f)
+                           for figs in FIT_GROUPS.values() for f in figs}
+    return out
+
+
+def _own(eff: dict, figure: str):
+    """A chip's own value of a fitted figure (0 s, or an empty table, when it has none)."""
+    if figure == "model_passes_s":
+        return {k: [float(x) for x in v] for k, v in eff.get(figure, {}).items()}
+    return float(eff.get(figure, FIGURE_DEFAULTS.get(figure, 0.0)))
+
+
+FIGURE_DEFAULTS = {"pp_compute_factor": 1.0}
+"""A fitted figure's value where a chip has none, when it is not 0 s."""
 
 
 def _predictor(runs: list[dict]) -> Callable[[dict], np.ndarray]:
@@ -188,7 +229,7 @@ def fit_scales(profile: dict, runs: list[dict], passes: int = 2) -> dict:
             theta, t0 = theta_new, times(theta_new)
         scales[w] = dict(zip(groups, np.exp(theta).round(4).tolist()))
         after[w] = (t0 / measured - 1).tolist()
-        unfitted[w] = {g: ("zero" if all(unscaled[w].get(f, 0.0) == 0.0 for f in FIT_GROUPS[g])
+        unfitted[w] = {g: ("zero" if all(_is_zero(unscaled[w].get(f, 0.0)) for f in FIT_GROUPS[g])
                            else "unused") for g, on in zip(groups, active) if not on}
     return {"scales": {w: scales[w] for w in worlds}, "unscaled": unscaled,
             "error_before": before, "error_after": after, "unfitted": unfitted}
@@ -317,6 +358,19 @@ def fit_for_args(profile: dict, args, log: Callable[[str], None] = print) -> dic
     return out
 
 
+def refit_kept_runs(profile: dict, where: str, log: Callable[[str], None] = print) -> dict:
+    """`apply_fit` of `profile` to the runs its earlier fit keeps (`framework_fit.runs`):
+    the same measurements, the current fit and cost model. ValueError naming `where` when
+    it keeps none."""
+    kept = (profile.get("measurement") or {}).get("framework_fit") or {}
+    if not kept.get("runs"):
+        raise ValueError(f"--refit-kept: {where} keeps no runs of a framework fit "
+                         f"(calibrate it with --fit-on STUDY first)")
+    out = apply_fit(profile, kept["runs"], kept.get("study", ""))
+    log(fit_summary(out["measurement"]["framework_fit"]))
+    return out
+
+
 def cmd_refit(args) -> int:
     """`workbench calibrate --merge A.json B.json ...` or `--profile P.json`, each optionally
     with `--fit-on STUDY`: refit or load, fit to the study's runs, write `--out`."""
@@ -326,8 +380,13 @@ def cmd_refit(args) -> int:
     try:
         if args.merge and args.profile:
             raise ValueError("--merge and --profile both name the starting profile: give one")
-        if args.profile and not args.fit_on:
-            raise ValueError("--profile needs --fit-on STUDY (there is nothing else to do)")
+        refit_kept = getattr(args, "refit_kept", False)
+        if refit_kept and (not args.profile or args.fit_on or args.merge):
+            raise ValueError("--refit-kept fits a --profile to the runs it keeps: give "
+                             "--profile, and neither --fit-on nor --merge")
+        if args.profile and not args.fit_on and not refit_kept:
+            raise ValueError("--profile needs --fit-on STUDY or --refit-kept (there is "
+                             "nothing else to do)")
         if args.fit_on:
             check_fit_study(args.fit_on)
         if args.merge:
@@ -342,6 +401,8 @@ def cmd_refit(args) -> int:
             check_cpu_data(profile, f"--profile {args.profile}")
         if args.fit_on:
             profile = fit_for_args(profile, args)
+        if refit_kept:
+            profile = refit_kept_runs(profile, args.profile)
         write_profile(profile, args.out)
     except (ValueError, OSError) as e:
         print(f"error: {e}")
@@ -350,5 +411,6 @@ def cmd_refit(args) -> int:
             if args.merge else f"{args.profile}")
     print(f"wrote {args.out}: {what}" + (f", framework figures fitted to {args.fit_on}"
                                           if args.fit_on else "")
+          + (", fitted again to the runs it keeps" if refit_kept else "")
           + f"; worlds {', '.join(str(w['ranks']) for w in profile['worlds'])}")
     return 0

@@ -139,6 +139,12 @@ class ChipEfficiency:
     on a stage: stage bookkeeping, buffers, send/recv posting)."""
     cp_step_s: float = 0.0
     """Fixed seconds per ring-attention step (one K/V block exchange and merge) per pass."""
+    pp_compute_factor: float = 1.0
+    """A pipeline stage's compute (forward, backward, recomputation of its layers) inside the
+    schedule over the same layers' time outside it (1: the same; GPU presets 1). On the 2-core
+    CPU host a stage computes slower between its sends and receives than alone (Linear(512)
+    x 4 stages: 3-5 ms more per microbatch at 1F1B), a cost that grows with the stage's work,
+    not with its actions; `workbench calibrate --fit-on` fits it (`calibrate_fit`)."""
     op_kernels_s: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     """Kernel seconds (forward, backward) measured at exact op shapes, by
     `calibrate_ops.op_key`; the engine uses them instead of the curves where the key of an
@@ -235,7 +241,7 @@ _SCALARS = ("optimizer_tensor_s", "optimizer_dtensor_s", "optimizer_bytes_per_pa
             "tp_op_fwd_s", "tp_op_bwd_s", "tp_collective_s", "pp_action_s", "cp_step_s")
 _REQUIRED = ("source", "memory", "op_overhead_s", "curves")
 _OPTIONAL = ("curves_bwd", "dispatch_fwd_s", "dispatch_bwd_s", "comm_overlap",
-             "rank_contention", "op_kernels_s", "model_passes_s") + _SCALARS
+             "rank_contention", "pp_compute_factor", "op_kernels_s", "model_passes_s") + _SCALARS
 
 
 def _plain(x):
@@ -304,6 +310,8 @@ def efficiency_from_dict(d, where: str = "efficiency") -> ChipEfficiency:
         comm_overlap=_number(d.get("comm_overlap", 1.0), f"{where}.comm_overlap", high=1.0),
         rank_contention=_number(d.get("rank_contention", 1.0), f"{where}.rank_contention",
                                 1.0),
+        pp_compute_factor=_number(d.get("pp_compute_factor", 1.0),
+                                  f"{where}.pp_compute_factor", 0.0, low_open=True, high=4.0),
         op_kernels_s=MappingProxyType(table_from_dict(d.get("op_kernels_s", {}),
                                                       f"{where}.op_kernels_s")),
         model_passes_s=MappingProxyType(passes_from_dict(d.get("model_passes_s", {}),
@@ -321,7 +329,8 @@ def efficiency_to_dict(e: ChipEfficiency) -> dict:
            "curves": {k: curve(c) for k, c in fwd.items()},
            "curves_bwd": {k: curve(c) for k, c in e.curves_bwd.items()},
            "dispatch_fwd_s": dict(e.dispatch_fwd_s), "dispatch_bwd_s": dict(e.dispatch_bwd_s),
-           "comm_overlap": e.comm_overlap, "rank_contention": e.rank_contention}
+           "comm_overlap": e.comm_overlap, "rank_contention": e.rank_contention,
+           "pp_compute_factor": e.pp_compute_factor}
     if e.op_kernels_s:
         out["op_kernels_s"] = {k: list(v) for k, v in e.op_kernels_s.items()}
     if e.model_passes_s:

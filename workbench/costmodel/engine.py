@@ -37,7 +37,7 @@ so GPU predictions do not depend on them; a calibrated chip carries measured val
   reduce-scatter of the stage's gradients then does not count again), and FSDP pays
   `fsdp_microbatch_s` per microbatch and `fsdp_step_s` per step;
 - a pipeline stage pays `pp_action_s` per action (forward or backward of a microbatch on a
-  model chunk);
+  model chunk), and its compute costs `pp_compute_factor` times its time alone;
 - the optimizer pays `optimizer_tensor_s` per parameter tensor the rank updates
   (`optimizer_dtensor_s` when the tensor is a distributed tensor: FSDP shards, TP weights),
   and moves `optimizer_bytes_per_param` per parameter where measured (an unfused update);
@@ -302,9 +302,12 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
             parts["tp_comm_s"] = np.maximum(0.0, parts["tp_comm_s"] - sc @ cols(gemm_sig))
         if opt.overlap_cp:  # hidden behind the stage's attention
             parts["cp_comm_s"] = np.maximum(0.0, parts["cp_comm_s"] - sc @ cols(attention_sig))
+        in_pipe = eff.pp_compute_factor if pp > 1 else 1.0  # compute inside the schedule
+        parts["compute_s"], parts["recompute_s"] = (parts["compute_s"] * in_pipe,
+                                                    parts["recompute_s"] * in_pipe)
         total = sum(parts.values()) + pp_mb[idx]
         if pp > 1:  # each stage's forward and backward, for the schedule replay
-            fwd, bwd = sc @ cols(t_f), sc @ cols(t_b) + parts["recompute_s"]
+            fwd, bwd = sc @ cols(t_f) * in_pipe, sc @ cols(t_b) * in_pipe + parts["recompute_s"]
             fwd_part = np.where(fwd + bwd > 0, fwd / np.maximum(fwd + bwd, 1e-300), 0.5)
             stage_passes[(pp, vpp)] = (idx, fwd_part, total - pp_mb[idx])
         worst = total.argmax(axis=0)
@@ -315,7 +318,7 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
         out["stage_time_mb_s"][idx] = pick(total)
         out["others_mb_s"][idx] = total.sum(axis=0) - pick(total)  # the other stages' times
         out["bottleneck_stage"][idx] = worst
-        out["stage_bwd_mb_s"][idx] = pick(sc @ cols(t_b))
+        out["stage_bwd_mb_s"][idx] = pick(sc @ cols(t_b) * in_pipe)
         stage_params = sc @ cols(p_sig)                      # stage x k
         root = a[:, :1] * pre_params[idx] + a[:, -1:] * post_params[idx]
         big = stage_params.argmax(axis=0)

@@ -1,7 +1,8 @@
 """The work of each virtual pipeline stage, from the cost model: seconds and collectives.
 
 Per virtual stage v and microbatch: forward and backward compute seconds (roofline per op,
-`costmodel.engine.op_times`; recomputation added to the backward), the TP/CP/EP collectives
+`costmodel.engine.op_times`; recomputation added to the backward; times the chip's
+`pp_compute_factor` in a pipeline, as the engine does), the TP/CP/EP collectives
 of its ops aggregated per family (total bytes and number of calls, so one simulated call
 costs exactly the calls' summed latency and bandwidth time), its parameters per rank, and
 its units (FSDP gathers them one at a time).
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..costmodel.efficiency import efficiency_for
 from ..costmodel.engine import op_times
 from ..costmodel.plans import CostOptions, PlanArrays
 from ..costmodel.profile import GraphProfile
@@ -81,6 +83,7 @@ def stage_work(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
     p_sig = rank_params(prof, plans)[:, 0]
     params = counts @ p_sig
     pre, post = prof.counts[0] @ p_sig, prof.counts[-1] @ p_sig
+    in_pipe = efficiency_for(cluster.chip).pp_compute_factor if pp > 1 else 1.0  # as the engine
     out = []
     for v in range(pp * vpp):
         def comm(direction):
@@ -92,8 +95,8 @@ def stage_work(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
                                                float(calls @ fam.bytes[:, 0]), int(calls.sum())))
             return work
         unit_rows = int(rows[v, 1:-1].sum())
-        out.append(StageWork(fwd_s=float(counts[v] @ t_f),
-                             bwd_s=float(counts[v] @ t_b + units[v] @ rec_sig),
+        out.append(StageWork(fwd_s=float(counts[v] @ t_f) * in_pipe,
+                             bwd_s=float(counts[v] @ t_b + units[v] @ rec_sig) * in_pipe,
                              fwd_comm=comm("fwd"), bwd_comm=comm("bwd"),
                              params=float(params[v]), units=max(unit_rows, 1),
                              root_params=float(rows[v, 0] * pre + rows[v, -1] * post)))
