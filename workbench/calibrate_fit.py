@@ -11,8 +11,8 @@ of nine sets of runs: FSDP +8%, TP +16%, CP +17%), and no setting of the synthet
 
 So this step trains the points of a *calibration study* for real (`runner.run`, as the
 validation does) and fits, per world, one scale per group of framework figures, and one
-on the compute level (`FIT_GROUPS`, `COMPUTE_LEVEL`), so that the cost model's step times match the measured ones: least squares on
-the relative error, with a weak prior that pulls every scale toward 1 (a group no run
+on the compute level (`FIT_GROUPS`, `COMPUTE_LEVEL`), so that the cost model's step times
+match the measured ones: least squares on the relative error, with a weak prior that pulls every scale toward 1 (a group no run
 exercises keeps its synthetic level) and bounds `SCALE_BOUNDS`. The scaled figures replace
 the synthetic ones in the profile; the synthetic ones (`unscaled`), the scales, the runs and
 the relative errors before and after are kept in `measurement.framework_fit`, and a profile
@@ -47,15 +47,16 @@ FIT_GROUPS = {
     "pp_action": ("pp_action_s",),
     "pp_compute": ("pp_compute_factor",),
 }
-"""Groups of figures (`ChipEfficiency` fields) that share one scale: the host's compute level
-(`compute`: every whole-microbatch time of `model_passes_s`, a table; see `COMPUTE_LEVEL`); DDP's costs;
+"""Groups of figures (`ChipEfficiency` fields) that share one scale: the host's compute
+level (`compute`: every whole-microbatch time of `model_passes_s`, a table; see
+`COMPUTE_LEVEL`); DDP's costs;
 FSDP's costs per call (gathers, reductions: they come in a fixed ratio per unit, so one
 scale), per microbatch and step; the cost per distributed-tensor parameter (FSDP's gathered
 tensors and the optimizer's step on distributed tensors: FSDP and TP both); TP's cost per
 collective call and per op on distributed-tensor weights; ring attention's cost per block
 step; the pipeline's cost per action, and its stages' compute inside the schedule over
-alone (`pp_compute_factor`, 1 before any fit). FSDP's cost per byte, the collectives' fit, the kernels
-and the overlap keep their synthetic values."""
+alone (`pp_compute_factor`, 1 before any fit). FSDP's cost per byte, the collectives' fit,
+the kernels and the overlap keep their synthetic values."""
 
 COMPUTE_LEVEL = """The compute level is fitted with the framework figures because the two are
 measured minutes apart on a host whose speed moves: on 2026-12-08 the calibration timed the
