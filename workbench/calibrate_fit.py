@@ -12,8 +12,9 @@ of nine sets of runs: FSDP +8%, TP +16%, CP +17%), and no setting of the synthet
 So this step trains the points of a *calibration study* for real (`runner.run`, as the
 validation does) and fits, per world, one scale per group of framework figures, and one
 on the compute level (`FIT_GROUPS`, `COMPUTE_LEVEL`), so that the cost model's step times
-match the measured ones: least squares on the relative error, with a weak prior that pulls every scale toward 1 (a group no run
-exercises keeps its synthetic level) and bounds `SCALE_BOUNDS`. The scaled figures replace
+match the measured ones: least squares on the relative error, with a weak prior that pulls
+every scale toward 1 (a group no run exercises keeps its synthetic level) and bounds
+`SCALE_BOUNDS`. The scaled figures replace
 the synthetic ones in the profile; the synthetic ones (`unscaled`), the scales, the runs and
 the relative errors before and after are kept in `measurement.framework_fit`, and a profile
 fitted again starts from its unscaled figures.
@@ -129,14 +130,12 @@ def unscaled_figures(profile: dict) -> dict[int, dict[str, float]]:
 
 
 def _own(eff: dict, figure: str):
-    """A chip's own value of a fitted figure (0 s, or an empty table, when it has none)."""
+    """A chip's own value of a fitted figure; where it has none, `ChipEfficiency`'s default
+    (0 s, 1 for `pp_compute_factor`, an empty table for `model_passes_s`)."""
     if figure == "model_passes_s":
         return {k: [float(x) for x in v] for k, v in eff.get(figure, {}).items()}
-    return float(eff.get(figure, FIGURE_DEFAULTS.get(figure, 0.0)))
-
-
-FIGURE_DEFAULTS = {"pp_compute_factor": 1.0}
-"""A fitted figure's value where a chip has none, when it is not 0 s."""
+    from .costmodel.efficiency import ChipEfficiency
+    return float(eff.get(figure, ChipEfficiency.__dataclass_fields__[figure].default))
 
 
 def _predictor(runs: list[dict]) -> Callable[[dict], np.ndarray]:

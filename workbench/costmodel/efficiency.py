@@ -231,6 +231,13 @@ def efficiency_for(chip) -> ChipEfficiency:
     return replace(_H100, source=f"ASSUMED for unknown chip {chip_name!r}: H100 figures")
 
 
+def in_pipeline_factor(eff: ChipEfficiency, pp: int) -> float:
+    """How many times its time alone a stage's compute costs in a plan of `pp` stages:
+    `eff.pp_compute_factor` in a pipeline, 1 without one (the engine's and the simulator's
+    stage work both use it)."""
+    return eff.pp_compute_factor if pp > 1 else 1.0
+
+
 # ----------------------------------------------------------------------------- profile files
 
 _CURVE_KINDS = ("linear", "batched_matmul", "attention", "conv", "lstm")

@@ -57,7 +57,7 @@ import numpy as np
 from ..hardware import Cluster
 from ..plan import Plan
 from . import comm
-from .efficiency import efficiency_for
+from .efficiency import efficiency_for, in_pipeline_factor
 from .measured import measured_kernels, spread_model_passes
 from .memory import memory_per_stage
 from .pipeline import replayed_spans_s
@@ -302,7 +302,7 @@ def evaluate(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
             parts["tp_comm_s"] = np.maximum(0.0, parts["tp_comm_s"] - sc @ cols(gemm_sig))
         if opt.overlap_cp:  # hidden behind the stage's attention
             parts["cp_comm_s"] = np.maximum(0.0, parts["cp_comm_s"] - sc @ cols(attention_sig))
-        in_pipe = eff.pp_compute_factor if pp > 1 else 1.0  # compute inside the schedule
+        in_pipe = in_pipeline_factor(eff, pp)  # compute inside the schedule
         parts["compute_s"], parts["recompute_s"] = (parts["compute_s"] * in_pipe,
                                                     parts["recompute_s"] * in_pipe)
         total = sum(parts.values()) + pp_mb[idx]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..costmodel.efficiency import efficiency_for
+from ..costmodel.efficiency import efficiency_for, in_pipeline_factor
 from ..costmodel.engine import op_times
 from ..costmodel.plans import CostOptions, PlanArrays
 from ..costmodel.profile import GraphProfile
@@ -83,7 +83,7 @@ def stage_work(prof: GraphProfile, plans: PlanArrays, cluster: Cluster,
     p_sig = rank_params(prof, plans)[:, 0]
     params = counts @ p_sig
     pre, post = prof.counts[0] @ p_sig, prof.counts[-1] @ p_sig
-    in_pipe = efficiency_for(cluster.chip).pp_compute_factor if pp > 1 else 1.0  # as the engine
+    in_pipe = in_pipeline_factor(efficiency_for(cluster.chip), pp)
     out = []
     for v in range(pp * vpp):
         def comm(direction):
