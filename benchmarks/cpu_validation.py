@@ -109,7 +109,7 @@ def pin(points: list[dict], runs: list[list[dict]], references: list[dict]) -> N
             if "error" in r or "t_s" not in r:
                 continue
             raw = r.setdefault("raw_predicted_s", r["predicted_s"])
-            level = host_level(r["t_s"], point["world"], references)
+            level = host_level(r["t_s"], point["world"], references, probe_s=r.get("probe_s"))
             if level is not None:
                 r["level"], r["predicted_s"] = level, raw * level
 
@@ -124,21 +124,25 @@ def check(point: dict) -> str | None:
     return None
 
 
-def run_once(point: dict, steps: int, warmup: int, min_timed_s: float) -> dict:
-    """One run of a point in fresh processes: its median step time and the prediction, or
-    the reason it failed (an impossible plan, a failed rank)."""
+def run_once(point: dict, steps: int, warmup: int, min_timed_s: float,
+             probe: bool = False) -> dict:
+    """One run of a point in fresh processes: its median step time and the prediction (with
+    `probe`, the host probe's index as `probe_s`), or the reason it failed (an impossible
+    plan, a failed rank)."""
     from workbench.runner import run
     why = check(point)
     if why:
         return {"error": why}
     try:
         out = run(point["model"], point["plan"], point["world"], overrides=point["overrides"],
-                  steps=steps, warmup=warmup, min_timed_s=min_timed_s, timeout_s=300)
+                  steps=steps, warmup=warmup, min_timed_s=min_timed_s, timeout_s=300,
+                  probe=probe)
     except Exception as e:  # a failed run is reported, not fatal
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
     return {"step_time_s": out["step_time_s"], "steps": len(out["step_times_s"]),
             "predicted_s": out["predicted"]["step_time_s"],
-            "breakdown_s": out["predicted"]["breakdown_s"]}
+            "breakdown_s": out["predicted"]["breakdown_s"],
+            **({"probe_s": out["host_probe"]["index_s"]} if probe else {})}
 
 
 def combine(point: dict, runs: list[dict]) -> dict:
@@ -158,6 +162,8 @@ def combine(point: dict, runs: list[dict]) -> dict:
             "breakdown_s": runs[0]["breakdown_s"],
             **({"run_levels": [r["level"] for r in runs],
                 "run_t_s": [r["t_s"] for r in runs],
+                **({"run_probes_s": [r["probe_s"] for r in runs], "pinned_by": "probe"}
+                   if all("probe_s" in r for r in runs) else {"pinned_by": "time"}),
                 "raw_predicted_s": statistics.median(r["raw_predicted_s"] for r in runs)}
                if all("level" in r for r in runs) else {})}
 
@@ -186,14 +192,17 @@ def calibrate_now(out: Path) -> str:
 
 
 def repredict(rows: list[dict], profiles: str | None = None,
-              profile: str | None = None, references: list[dict] | None = None) -> list[dict]:
+              profile: str | None = None, references: list[dict] | None = None,
+              use_probe: bool = True) -> list[dict]:
     """Rows of an earlier `--json` with their predictions made again by the current code and
     profile (what a new calibration or cost model would have said of the same measured runs;
     failed rows kept): the profile at `profile` (default: the shipped one). With `profiles`,
     the folder of a `--calibrate-each-round` run, run i is predicted with its round's profile
     (`round-i.json`) and the row keeps the median. Rows of a `--pin-level` run need its
     `references` (the `.references.json` beside its `--json`): they are predicted with the
-    same profile and every run is pinned again to the level they give."""
+    same profile and every run is pinned again to the level they give: by the host probe
+    when the runs carry one (`--probe`), unless `use_probe` is False (by time alone: the
+    same runs pinned both ways)."""
     pinned = any("run_levels" in r for r in rows)
     if pinned and (references is None or profiles):
         raise ValueError("these rows were pinned (--pin-level): predicting them again needs "
@@ -219,9 +228,12 @@ def repredict(rows: list[dict], profiles: str | None = None,
         else:
             again = predict(r, profile)
         if "run_levels" in r:
-            levels = [host_level(t, r["world"], refs) for t in r["run_t_s"]]
+            probes = r.get("run_probes_s") if use_probe else None
+            levels = [host_level(t, r["world"], refs, probe_s=probes[k] if probes else None)
+                      for k, t in enumerate(r["run_t_s"])]
             each = [again["predicted_s"] * level for level in levels]
             again = {**again, "raw_predicted_s": again["predicted_s"], "run_levels": levels,
+                     "pinned_by": "probe" if probes else "time",
                      "run_predictions_s": each, "predicted_s": statistics.median(each)}
         out.append({**r, **again, "error_rel": again["predicted_s"] / r["measured_s"] - 1})
     return out
@@ -305,9 +317,12 @@ def table(rows: list[dict], seen: set[str] | None = None) -> str:
     pinned = [r for r in rows if "run_levels" in r]
     if pinned:
         levels = [v for r in pinned for v in r["run_levels"]]
+        how = ("per unit of host-probe time, x the run's own probe"
+               if all(r.get("pinned_by") == "probe" for r in pinned) else "")
         lines.append(f"pinned: each run's prediction x the host's level at its time (measured "
                      f"/ predicted of the {PIN_NEIGHBOURS} reference runs of its world nearest "
-                     f"to it), level median x{statistics.median(levels):.3f}, "
+                     f"to it{', ' + how if how else ''}), level median "
+                     f"x{statistics.median(levels):.3f}, "
                      f"range x{min(levels):.3f}-x{max(levels):.3f}")
         lines.append(summary([abs(r["raw_predicted_s"] / r["measured_s"] - 1) for r in pinned],
                              "unpinned (the profile's own predictions): "))
@@ -345,6 +360,12 @@ def main(argv=None) -> int:
                          "and scale each run's prediction by the host's level at its time "
                          "(the reference runs nearest to it; a host whose speed moves by "
                          "the minute)")
+    ap.add_argument("--probe", action="store_true",
+                    help="with --pin-level: time the host probe after every step of every "
+                         "run and pin each run to the level per unit of probe time of the "
+                         "reference runs, times its own probe (runner.host_probe)")
+    ap.add_argument("--no-probe", action="store_true",
+                    help="with --repredict: pin rows measured with --probe by time alone")
     ap.add_argument("--json", default=None, help="also write every row to this file (with "
                     "--pin-level, the reference runs beside it: FILE's stem + "
                     ".references.json)")
@@ -363,6 +384,11 @@ def main(argv=None) -> int:
         ap.error("--profile and --calibrate-each-round: choose one")
     if args.pin_level and args.calibrate_each_round:
         ap.error("--pin-level and --calibrate-each-round: choose one")
+    if args.probe and not args.pin_level:
+        ap.error("--probe goes with --pin-level (the reference runs give the level per unit "
+                 "of probe time)")
+    if args.no_probe and not args.repredict:
+        ap.error("--no-probe goes with --repredict")
     if args.repeat < 1:
         ap.error(f"--repeat must be >= 1, got {args.repeat}")
     if args.repredict:
@@ -370,7 +396,8 @@ def main(argv=None) -> int:
         try:
             rows = repredict(json.loads(Path(args.repredict).read_text()), args.profiles,
                              args.profile,
-                             json.loads(refs.read_text()) if refs.exists() else None)
+                             json.loads(refs.read_text()) if refs.exists() else None,
+                             use_probe=not args.no_probe)
         except ValueError as e:
             ap.error(str(e))
         if args.json:
@@ -399,14 +426,15 @@ def main(argv=None) -> int:
             p = chosen[i] if kind == "point" else refs_chosen[i]
             if kind == "point" and runs[i] and "error" in runs[i][-1]:
                 continue  # failed once: reported, not retried
-            r = run_once(p, args.steps, args.warmup, args.min_timed_s)
+            r = run_once(p, args.steps, args.warmup, args.min_timed_s, args.probe)
             r["t_s"] = time.time()
             if profile and "error" not in r:
                 r.update(predict(p, profile))
             if kind == "reference":
                 if "error" not in r:
                     references.append({**p, "t_s": r["t_s"], "measured_s": r["step_time_s"],
-                                       "predicted_s": r["predicted_s"]})
+                                       "predicted_s": r["predicted_s"],
+                                       **({"probe_s": r["probe_s"]} if args.probe else {})})
                 note = r.get("error") or f"{r['step_time_s'] * 1e3:.2f} ms"
                 print(f"  [{time.perf_counter() - start:6.0f} s] round {round_ + 1}/"
                       f"{args.repeat} reference {i + 1}/{len(refs_chosen)} {p['model']} "

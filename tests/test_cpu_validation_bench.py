@@ -35,7 +35,7 @@ def test_repeats_run_in_rounds_over_the_whole_set(bench, monkeypatch, tmp_path, 
     monkeypatch.setattr(bench, "points", lambda worlds: chosen)
     calls = []
 
-    def fake_run(point, steps, warmup, min_timed_s):
+    def fake_run(point, steps, warmup, min_timed_s, probe=False):
         calls.append(point["model"])
         if point["model"] == "c":
             return {"error": "impossible"}
@@ -60,8 +60,9 @@ def test_repeats_run_in_rounds_over_the_whole_set(bench, monkeypatch, tmp_path, 
 def test_each_round_can_be_predicted_with_its_own_calibration(bench, monkeypatch, tmp_path):
     chosen = [{"model": "a", "overrides": {}, "plan": "dp=2", "world": 2}]
     monkeypatch.setattr(bench, "points", lambda worlds: chosen)
-    monkeypatch.setattr(bench, "run_once", lambda point, steps, warmup, min_timed_s: {
-        "step_time_s": 0.010, "steps": steps, "predicted_s": 1.0, "breakdown_s": {}})
+    monkeypatch.setattr(bench, "run_once", lambda point, steps, warmup, min_timed_s,
+                        probe=False: {"step_time_s": 0.010, "steps": steps,
+                                      "predicted_s": 1.0, "breakdown_s": {}})
     made = []
 
     def fake_calibrate(out):
@@ -179,8 +180,9 @@ def test_reference_runs_are_spread_evenly_through_a_round(bench):
     assert bench.interleave(2, 0) == [("point", 0), ("point", 1)]
 
 
-def test_pin_level_scales_each_run_by_the_level_of_its_minute(bench, monkeypatch, tmp_path,
-                                                               capsys):
+def one_point_and_one_reference(bench, monkeypatch) -> None:
+    """A set of one point (model m) and one reference run (model r), both DP at world 2; no
+    host check; a clock that ticks 1 s per call."""
     chosen = [{"model": "m", "overrides": {}, "plan": "dp=2", "world": 2}]
     refs = [{"model": "r", "overrides": {}, "plan": "dp=2", "world": 2}]
     monkeypatch.setattr(bench, "points",
@@ -189,12 +191,17 @@ def test_pin_level_scales_each_run_by_the_level_of_its_minute(bench, monkeypatch
     monkeypatch.setattr(bench, "host_check", lambda profile=None: "host check: not timed here")
     clock = iter(range(100))
     monkeypatch.setattr(bench.time, "time", lambda: float(next(clock)))
+
+
+def test_pin_level_scales_each_run_by_the_level_of_its_minute(bench, monkeypatch, tmp_path,
+                                                               capsys):
+    one_point_and_one_reference(bench, monkeypatch)
     # the host: 20 ms for the point in round 1, 30 ms in round 2; the reference 1.5x and
     # 2.5x its prediction of 10 ms in the same rounds; the point is predicted 10 ms
     measured = {("m", 0): 0.020, ("r", 0): 0.015, ("m", 1): 0.030, ("r", 1): 0.025}
     seen = []
 
-    def fake_run(point, steps, warmup, min_timed_s):
+    def fake_run(point, steps, warmup, min_timed_s, probe=False):
         seen.append(point["model"])
         rnd = (len(seen) - 1) // 2
         return {"step_time_s": measured[(point["model"], rnd)], "steps": steps,
@@ -228,3 +235,44 @@ def test_pin_level_scales_each_run_by_the_level_of_its_minute(bench, monkeypatch
         bench.repredict([row], None, "other.json")  # without the reference runs
     with pytest.raises(SystemExit):
         bench.main(["--pin-level", "--calibrate-each-round", str(tmp_path)])
+
+
+def test_pin_level_with_the_probe_follows_each_runs_own_probe(bench, monkeypatch, tmp_path,
+                                                              capsys):
+    one_point_and_one_reference(bench, monkeypatch)
+    # round 1: the point 20 ms at a probe of 1 ms, the reference 15 ms (x1.5) at 1 ms;
+    # round 2: the point 40 ms at 2 ms, the reference 25 ms (x2.5) at 1 ms
+    measured = {("m", 0): (0.020, 0.001), ("r", 0): (0.015, 0.001),
+                ("m", 1): (0.040, 0.002), ("r", 1): (0.025, 0.001)}
+    seen = []
+
+    def fake_run(point, steps, warmup, min_timed_s, probe=False):
+        assert probe
+        seen.append(point["model"])
+        step_s, probe_s = measured[(point["model"], (len(seen) - 1) // 2)]
+        return {"step_time_s": step_s, "steps": steps, "predicted_s": 0.010,
+                "breakdown_s": {}, "probe_s": probe_s}
+    monkeypatch.setattr(bench, "run_once", fake_run)
+    out = tmp_path / "rows.json"
+    assert bench.main(["--repeat", "2", "--pin-level", "--probe", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())[0]
+    # references per unit of probe: 1.5 / 1 ms and 2.5 / 1 ms, median 2.0 / ms:
+    # run 1 x2.0 (probe 1 ms) -> 20 ms, run 2 x4.0 (probe 2 ms) -> 40 ms: both exact
+    assert row["run_levels"] == pytest.approx([2.0, 4.0]) and row["run_probes_s"] == [0.001, 0.002]
+    assert row["pinned_by"] == "probe" and row["predicted_s"] == pytest.approx(0.030)
+    assert row["measured_s"] == pytest.approx(0.030) and row["error_rel"] == pytest.approx(0)
+    saved = json.loads(bench.references_path(str(out)).read_text())
+    assert [r["probe_s"] for r in saved] == [0.001, 0.001]
+    assert "per unit of host-probe time, x the run's own probe" in capsys.readouterr().out
+    monkeypatch.setattr(bench, "predict", lambda p, profile: {"predicted_s": 0.010,
+                                                              "breakdown_s": {}})
+    # the same runs pinned by time alone: x2.0 for both -> 20 ms, error 20 / 30 - 1
+    by_time = bench.repredict([row], None, None, saved, use_probe=False)[0]
+    assert by_time["run_levels"] == pytest.approx([2.0, 2.0]) and by_time["pinned_by"] == "time"
+    assert by_time["error_rel"] == pytest.approx(0.020 / 0.030 - 1)
+    again = bench.repredict([row], None, None, saved)[0]
+    assert again["run_levels"] == pytest.approx([2.0, 4.0]) and again["pinned_by"] == "probe"
+    with pytest.raises(SystemExit):
+        bench.main(["--probe"])                    # the probe needs reference runs
+    with pytest.raises(SystemExit):
+        bench.main(["--no-probe"])                 # only for --repredict

@@ -148,7 +148,7 @@ error on the runs between them (median 8.4%), while one run alone moves by 5-8%.
 
 
 def host_level(t_s: float, world: int, references: list[dict],
-               neighbours: int = PIN_NEIGHBOURS) -> float | None:
+               neighbours: int = PIN_NEIGHBOURS, probe_s: float | None = None) -> float | None:
     """How slow the host ran at time `t_s` for `world` ranks against the profile's
     predictions: the median of measured / predicted step time over the `neighbours` reference
     runs of that world nearest to `t_s` (each `{t_s, world, measured_s, predicted_s}`); None
@@ -156,9 +156,21 @@ def host_level(t_s: float, world: int, references: list[dict],
     calibration study's), measured among them, so that a slow spell of the shared host moves
     both alike: on the 2-core host of 2026-12-07, 32 calibration runs interleaved with 37
     validation runs were under-predicted alike (median -24% and -22%), and that level moved
-    between -19% and -28% from one 3-minute stretch to the next."""
+    between -19% and -28% from one 3-minute stretch to the next.
+
+    With `probe_s` (the run's own `runner.host_probe` index) and references that carry theirs
+    (`probe_s`), the level is per unit of probe time, times the run's: the median over those
+    references of measured / predicted / their probe, x `probe_s`. That follows a host whose
+    speed moves by the second and from one process to the next, which neighbours minutes
+    apart cannot."""
     same = sorted((r for r in references if r["world"] == world),
                   key=lambda r: abs(r["t_s"] - t_s))[:neighbours]
     if not same:
         return None
-    return float(statistics.median(r["measured_s"] / r["predicted_s"] for r in same))
+    if probe_s is None:
+        return float(statistics.median(r["measured_s"] / r["predicted_s"] for r in same))
+    if not all(r.get("probe_s") for r in same):
+        raise ValueError("host_level: probe_s given, but a reference run has no probe_s "
+                         "(measured without --probe)")
+    return float(probe_s * statistics.median(r["measured_s"] / r["predicted_s"] / r["probe_s"]
+                                             for r in same))

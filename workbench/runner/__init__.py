@@ -99,7 +99,8 @@ def run(model: str, plan: str | Plan, nproc: int, *, overrides: dict | None = No
         steps: int = 5, warmup: int = 2, min_timed_s: float = 0.0, device: str = "cpu",
         timeout_s: float = 300.0,
         store=None, compile: bool = False, seed: int = 0,
-        fault: dict | None = None, cp_impl: str = "ring") -> dict[str, Any]:
+        fault: dict | None = None, cp_impl: str = "ring", probe: bool = False
+        ) -> dict[str, Any]:
     """Train `steps` steps of `plan` on `nproc` local ranks; measured beside predicted.
     With `min_timed_s`, more steps when `steps` would be timed for less than that (short
     steps on a shared host: one interruption moves the median of 5 steps, not of 100).
@@ -111,6 +112,8 @@ def run(model: str, plan: str | Plan, nproc: int, *, overrides: dict | None = No
     stored ids when `store` is given. A failed rank raises `RunError` (after storing the
     failure when a store is given). `fault` injects a failure (tests: see `launch`).
     `cp_impl` picks the context-parallel attention: `ring` (ours) or `torch` (CUDA only).
+    With `probe`, every rank times `host_probe.HostProbe` after each timed step, outside the
+    step's timer, and `host_probe` gives the medians (how fast the host ran meanwhile).
     """
     plan = Plan.parse(plan) if isinstance(plan, str) else plan
     overrides = dict(overrides or {})
@@ -127,7 +130,7 @@ def run(model: str, plan: str | Plan, nproc: int, *, overrides: dict | None = No
         raise ValueError(f"min_timed_s must be a number of seconds >= 0, got {min_timed_s!r}")
     spec = RunSpec(model=model, plan=plan.compact(), overrides=overrides, steps=steps,
                    min_timed_s=float(min_timed_s), warmup=warmup, device=device, seed=seed, compile=compile,
-                   cp_impl=cp_impl)
+                   cp_impl=cp_impl, probe=bool(probe))
     pred_id = None
     if store is not None:
         pred_id = store.save("prediction", model=model, plan=plan.compact(), cluster=cluster.name,

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from .. import costmodel, models
 from ..plan import Plan
-from . import families
+from . import families, host_probe
 from .comm_counter import CommCounter
 from .parallelize import build_mesh, parallelize, sync_expert_grads
 
@@ -52,6 +52,9 @@ class RunSpec:
     cp_impl: str = "ring"
     """Context-parallel attention: `ring` (ours, any device) or `torch` (PyTorch's
     `context_parallel`, CUDA only; contiguous shards like ours, so the two agree)."""
+    probe: bool = False
+    """Time `host_probe.HostProbe` after every timed step (outside its timer) on every rank:
+    how fast the host ran while the run did."""
 
 
 def _slice_batch(inputs, target, plan: Plan, coords: dict, seq_model: bool):
@@ -140,6 +143,8 @@ def run_rank(spec: RunSpec) -> dict:
         from ..profiler import make_sampler
         sampler, out["sampler_message"] = make_sampler(spec.device)
         sampler.start()
+    probe = host_probe.HostProbe() if spec.probe else None
+    probes = []
     for i in range(steps):
         if sampler is not None:
             sampler.mark_step(i)
@@ -149,11 +154,15 @@ def run_rank(spec: RunSpec) -> dict:
         _step(par, plan, inputs, target, opt)
         _sync(device)
         times.append(time.perf_counter() - start)
+        if probe is not None:
+            probes.append(probe())
     if sampler is not None:
         out["samples"] = [tuple(r) for r in sampler.stop().to_rows()]
     t = torch.tensor(times, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a step ends when its slowest rank ends
     out["step_times_s"] = t.tolist()
+    if probe is not None:
+        out["probe_samples_s"] = probes
     out["comm"] = counter.summary()
     out["memory_peak_bytes"] = _peak_memory(par, plan, inputs, target, opt, device)
     return out
@@ -295,4 +304,6 @@ def summarise(rank_results: list[dict], spec: RunSpec) -> dict:
             "memory_per_rank_bytes": [r["memory_peak_bytes"] for r in rank_results],
             "samples": rank_results[0].get("samples", []),
             "sampler_message": rank_results[0].get("sampler_message", ""),
-            "spec": asdict(spec)}
+            "spec": asdict(spec),
+            **({"host_probe": host_probe.summarise([r["probe_samples_s"] for r in rank_results])}
+               if spec.probe else {})}
