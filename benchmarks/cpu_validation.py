@@ -2,8 +2,8 @@
 
 Run: .venv/bin/python benchmarks/cpu_validation.py [--world 2,4] [--only SUBSTRING]
      [--steps 8] [--min-timed-s 1] [--warmup 2] [--repeat 3] [--json FILE]
-     [--profile FILE] [--calibrate-each-round DIR | --pin-level]
-     [--repredict ROWS [--profiles DIR]]
+     [--profile FILE] [--calibrate-each-round DIR | --pin-level [--probe]]
+     [--repredict ROWS [--profiles DIR] [--no-probe]]
 
 Each point (a model flavour with its overrides, a plan, a world size) runs with
 `workbench.runner.run` (gloo, one torch thread per rank; after `warmup` steps, `steps` timed
@@ -41,6 +41,16 @@ to it in time (`calibrate_drift.host_level`). On a host whose speed moves by 10-
 minutes and by more over hours, this leaves the error the profile's shape makes; the table
 gives the unpinned errors beside (the profile's own level). One level per stretch of minutes
 from other models: nothing is fitted to the validated points.
+
+`--probe` (with `--pin-level`) follows the host by the second instead: every rank of every
+run, validated or reference, times a fixed probe after each timed step
+(`runner.host_probe`: 10 small matmuls and 100 tiny adds, outside the step's timer), and a
+run's level is the references' measured / predicted per unit of probe time, times its own
+probe. On the 2-core EPYC of 2026-12-08, two sets of 222 runs pinned by time gave medians of
+9.6% and 9.3% (77 and 80 of 111 within 15%), by the probe 7.0% and 7.5% (88 within each);
+the probe took the run-to-run spread from 14.5% to 8.3% and from 10.4% to 6.6%
+(`benchmarks/results-cpu-validation-2026-12-08b-host-probe.txt`, `-08c-...-barrier.txt`).
+`--repredict ROWS --no-probe` pins such rows by time alone.
 
 `--repredict ROWS` runs nothing: it predicts the measured rows of an earlier `--json` file
 again with the current profile (after a new calibration, the same measured runs against the
@@ -142,7 +152,9 @@ def run_once(point: dict, steps: int, warmup: int, min_timed_s: float,
     return {"step_time_s": out["step_time_s"], "steps": len(out["step_times_s"]),
             "predicted_s": out["predicted"]["step_time_s"],
             "breakdown_s": out["predicted"]["breakdown_s"],
-            **({"probe_s": out["host_probe"]["index_s"]} if probe else {})}
+            **({"probe_s": out["host_probe"]["index_s"],
+                "probe_parts_s": [out["host_probe"]["matmul_s"], out["host_probe"]["small_ops_s"]]}
+               if probe else {})}
 
 
 def combine(point: dict, runs: list[dict]) -> dict:
@@ -162,7 +174,8 @@ def combine(point: dict, runs: list[dict]) -> dict:
             "breakdown_s": runs[0]["breakdown_s"],
             **({"run_levels": [r["level"] for r in runs],
                 "run_t_s": [r["t_s"] for r in runs],
-                **({"run_probes_s": [r["probe_s"] for r in runs], "pinned_by": "probe"}
+                **({"run_probes_s": [r["probe_s"] for r in runs], "pinned_by": "probe",
+                    "run_probe_parts_s": [r.get("probe_parts_s") for r in runs]}
                    if all("probe_s" in r for r in runs) else {"pinned_by": "time"}),
                 "raw_predicted_s": statistics.median(r["raw_predicted_s"] for r in runs)}
                if all("level" in r for r in runs) else {})}
@@ -434,7 +447,9 @@ def main(argv=None) -> int:
                 if "error" not in r:
                     references.append({**p, "t_s": r["t_s"], "measured_s": r["step_time_s"],
                                        "predicted_s": r["predicted_s"],
-                                       **({"probe_s": r["probe_s"]} if args.probe else {})})
+                                       **({"probe_s": r["probe_s"],
+                                           "probe_parts_s": r["probe_parts_s"]}
+                                          if args.probe else {})})
                 note = r.get("error") or f"{r['step_time_s'] * 1e3:.2f} ms"
                 print(f"  [{time.perf_counter() - start:6.0f} s] round {round_ + 1}/"
                       f"{args.repeat} reference {i + 1}/{len(refs_chosen)} {p['model']} "

@@ -251,7 +251,7 @@ def test_pin_level_with_the_probe_follows_each_runs_own_probe(bench, monkeypatch
         seen.append(point["model"])
         step_s, probe_s = measured[(point["model"], (len(seen) - 1) // 2)]
         return {"step_time_s": step_s, "steps": steps, "predicted_s": 0.010,
-                "breakdown_s": {}, "probe_s": probe_s}
+                "breakdown_s": {}, "probe_s": probe_s, "probe_parts_s": [probe_s, probe_s]}
     monkeypatch.setattr(bench, "run_once", fake_run)
     out = tmp_path / "rows.json"
     assert bench.main(["--repeat", "2", "--pin-level", "--probe", "--json", str(out)]) == 0

@@ -51,3 +51,11 @@ def test_a_run_times_the_probe_after_every_timed_step():
     assert out["spec"]["probe"] is True and len(out["step_times_s"]) == 3
     assert "host_probe" not in run("llama-tiny", "dp=2,gbs=4,dtype=fp32", 2, steps=1, warmup=1,
                                    timeout_s=60)
+
+
+def test_workbench_run_prints_the_probe(capsys):
+    from workbench import cli
+    assert cli.main(["run", "--model", "llama-tiny", "--plan", "dp=2,gbs=4,dtype=fp32",
+                     "--nproc", "2", "--steps", "2", "--probe", "--no-store"]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("host probe")]
+    assert len(line) == 1 and "ms matmuls" in line[0] and "ms small ops, index" in line[0]

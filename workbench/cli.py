@@ -239,7 +239,7 @@ def cmd_run(args) -> int:
     store = None if args.no_store else Store(args.store)
     out = run(args.model, args.plan, args.nproc, overrides=parse_set(args.set), steps=args.steps,
               min_timed_s=args.min_timed_s, device=args.device, store=store,
-              timeout_s=args.timeout, cp_impl=args.cp_impl)
+              timeout_s=args.timeout, cp_impl=args.cp_impl, probe=args.probe)
     if args.json:
         print(json.dumps({k: v for k, v in out.items() if k != "comm_per_rank"}, indent=1,
                          default=str))
@@ -256,6 +256,10 @@ def cmd_run(args) -> int:
           f"p90 {out['step_time_p90_s'] * 1e3:.2f} ms)")
     print(table([{"": a, "measured": b, "predicted": c} for a, b, c in rows],
                 ["", "measured", "predicted"]))
+    if "host_probe" in out:
+        q = out["host_probe"]
+        print(f"host probe (after each step): {q['matmul_s'] * 1e3:.3f} ms matmuls, "
+              f"{q['small_ops_s'] * 1e3:.3f} ms small ops, index {q['index_s'] * 1e3:.3f} ms")
     predicted_bytes = {}
     for c in p["comm"]:
         predicted_bytes[c["kind"]] = predicted_bytes.get(c["kind"], 0) + c.get("bytes_per_step", 0)
@@ -362,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--min-timed-s", type=float, default=0.0,
                    help="time at least this many seconds: more steps when --steps of the "
                         "warm-up step's length would be shorter (default 0)")
+    r.add_argument("--probe", action="store_true",
+                   help="time the host probe after every step on every rank (runner.host_probe: "
+                        "how fast the host ran meanwhile)")
     r.add_argument("--timeout", type=float, default=300.0, help="collective timeout, seconds")
     r.add_argument("--cp-impl", choices=("ring", "torch"), default="ring",
                    help="context-parallel attention: ours (ring) or PyTorch's (CUDA only)")

@@ -8,7 +8,9 @@ ranks took 4.2 to 6.9 ms (62% apart), and 100 tiny tensor adds timed between its
 moved with them (0.34 to 0.58 ms): the ratio of the two stayed within 13%.
 
 So a run can time this probe after every timed step, outside the step's timer, on every
-rank, and report its medians (`summarise`). The probe has two parts because the tiny models
+rank at once (after a barrier: 4 ranks on 2 cores share them alike whichever plan ran, where
+a pipeline's last stage would otherwise probe alone while the first still computes), and
+report its medians (`summarise`). The probe has two parts because the tiny models
 are limited by two things: `matmul_s` (compute bound: what C3D-tiny's 14 ms microbatch moved
 with, 5.7% spread of the ratio) and `small_ops_s` (per-op dispatch: what GPT-tiny's moved
 with). `index_s`, their geometric mean, is the one figure a step time is divided by: it

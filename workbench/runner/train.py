@@ -154,7 +154,8 @@ def run_rank(spec: RunSpec) -> dict:
         _step(par, plan, inputs, target, opt)
         _sync(device)
         times.append(time.perf_counter() - start)
-        if probe is not None:
+        if probe is not None:  # every rank at once: the same sharing of cores in any plan
+            dist.barrier()
             probes.append(probe())
     if sampler is not None:
         out["samples"] = [tuple(r) for r in sampler.stop().to_rows()]
