@@ -57,7 +57,8 @@ def test_the_fit_recovers_the_compute_level_and_leaves_the_framework_alone(shipp
     # the host ran 20% faster (world 2) and 25% slower (world 4) than when its microbatches
     # were timed: the fit puts that on the compute scale, not on the framework groups
     truth = {2: {"compute": 0.8}, 4: {"compute": 1.25}}
-    fit = cf.fit_scales(shipped, measured_with(shipped, truth, COMPUTE_RUNS))
+    fit = cf.fit_scales(shipped, measured_with(shipped, truth, COMPUTE_RUNS),
+                        groups=("compute",) + cf.DEFAULT_FIT_GROUPS)
     assert fit["scales"][2]["compute"] == pytest.approx(0.8, rel=0.03)
     assert fit["scales"][4]["compute"] == pytest.approx(1.25, rel=0.03)
     for w in (2, 4):
@@ -204,7 +205,9 @@ plans = ["dp=*,mb=1,dtype=fp32"]
     assert cli.main(["calibrate", "--profile", "workbench/data/cpu.json", "--fit-on",
                      str(study), "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "fit run 1/1: lstm-tiny" in text and "world 2: compute" in text and "ddp x" in text
+    # the default groups: no compute scale (DEFAULT_FIT_GROUPS)
+    assert "fit run 1/1: lstm-tiny" in text and "world 2: ddp x" in text
+    assert "compute x" not in text.replace("pp_compute x", "")
     fit = json.loads(out.read_text())["measurement"]["framework_fit"]
     assert [r["model"] for r in fit["runs"]] == ["lstm-tiny"] and fit["runs"][0]["step_time_s"] > 0
     assert set(fit["scales"]) == {"2"}
@@ -321,8 +324,9 @@ def test_refit_kept_fits_a_profile_again_to_the_runs_it_keeps(shipped, tmp_path,
     assert cli.main(["calibrate", "--profile", str(src), "--refit-kept", "--out",
                      str(out)]) == 0  # trains nothing: the runs are the profile's
     text = capsys.readouterr().out
-    assert "fitted again to the runs it keeps" in text and "world 4: compute" in text
+    assert "fitted again to the runs it keeps" in text and "world 4: ddp" in text
     again = json.loads(out.read_text())["measurement"]["framework_fit"]
+    assert "compute" not in again["groups"] and "pp_compute" in again["groups"]
     assert again["scales"]["4"]["fsdp_call"] == pytest.approx(0.7, rel=0.05)
     assert again["runs"] == fitted["measurement"]["framework_fit"]["runs"]
     # a profile without a fit has nothing to refit, and the flag needs a profile
@@ -334,3 +338,14 @@ def test_refit_kept_fits_a_profile_again_to_the_runs_it_keeps(shipped, tmp_path,
     assert cli.main(["calibrate", "--merge", str(plain), "--refit-kept", "--out",
                      str(out)]) == 2
     assert "--refit-kept fits a --profile" in capsys.readouterr().out
+    # --fit-compute-level adds the compute scale, and only to a fit
+    assert cli.main(["calibrate", "--profile", str(src), "--refit-kept", "--fit-compute-level",
+                     "--out", str(out)]) == 0
+    assert "world 4: compute" in capsys.readouterr().out  # (its runs time no microbatch whole)
+    assert "compute" in json.loads(out.read_text())["measurement"]["framework_fit"]["groups"]
+    assert cli.main(["calibrate", "--profile", str(src), "--fit-compute-level", "--out",
+                     str(out)]) == 2
+    assert "--fit-compute-level goes with --fit-on STUDY or --refit-kept" in \
+        capsys.readouterr().out
+    with pytest.raises(ValueError, match="'speed' is not one of"):
+        cf.fit_scales(shipped, runs, groups=("speed",))

@@ -50,6 +50,10 @@ def cmd_calibrate(args) -> int:
         rule = "must be >= 1" if args.fit_repeat < 1 else "goes with --fit-on STUDY"
         print(f"error: --fit-repeat {args.fit_repeat}: {rule}")  # before any measuring
         return 2
+    fits = args.fit_on or getattr(args, "refit_kept", False)
+    if getattr(args, "fit_compute_level", False) and not fits:
+        print("error: --fit-compute-level goes with --fit-on STUDY or --refit-kept")
+        return 2
     if args.merge or args.profile:  # refit measured figures, measure nothing new but --fit-on
         from .calibrate_fit import cmd_refit
         return cmd_refit(args)
@@ -109,6 +113,10 @@ def add_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--fit-repeat", type=int, default=1, metavar="N",
                    help="with --fit-on: train each of the study's points N times, in rounds "
                         "over the study, and fit to each point's median (default 1)")
+    p.add_argument("--fit-compute-level", action="store_true",
+                   help="with --fit-on or --refit-kept: also fit one scale on every timed "
+                        "microbatch (calibrate_fit.COMPUTE_LEVEL; off by default, see "
+                        "DEFAULT_FIT_GROUPS)")
     p.add_argument("--profile", metavar="PROFILE", help="measure nothing but --fit-on: start "
                    "from this profile instead of a new calibration")
     p.add_argument("--refit-kept", action="store_true",
