@@ -153,7 +153,7 @@ def run_once(point: dict, steps: int, warmup: int, min_timed_s: float,
             "predicted_s": out["predicted"]["step_time_s"],
             "breakdown_s": out["predicted"]["breakdown_s"],
             **({"probe_s": out["host_probe"]["index_s"],
-                "probe_parts_s": [out["host_probe"]["matmul_s"], out["host_probe"]["small_ops_s"]]}
+                "probe_parts_s": [out["host_probe"][k] for k in ("matmul_s", "small_ops_s")]}
                if probe else {})}
 
 

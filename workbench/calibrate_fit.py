@@ -12,12 +12,12 @@ of nine sets of runs: FSDP +8%, TP +16%, CP +17%), and no setting of the synthet
 So this step trains the points of a *calibration study* for real (`runner.run`, as the
 validation does) and fits, per world, one scale per group of framework figures
 (`DEFAULT_FIT_GROUPS`; with `--fit-compute-level`, one on the compute level too:
-`COMPUTE_LEVEL`), so that the cost model's step times match the measured ones: least squares on the relative error, with a weak prior that pulls
-every scale toward 1 (a group no run exercises keeps its synthetic level) and bounds
-`SCALE_BOUNDS`. The scaled figures replace
-the synthetic ones in the profile; the synthetic ones (`unscaled`), the scales, the runs and
-the relative errors before and after are kept in `measurement.framework_fit`, and a profile
-fitted again starts from its unscaled figures.
+`COMPUTE_LEVEL`), so that the cost model's step times match the measured ones: least
+squares on the relative error, with a weak prior that pulls every scale toward 1 (a group
+no run exercises keeps its synthetic level) and bounds `SCALE_BOUNDS`. The scaled figures
+replace the synthetic ones in the profile; the synthetic ones (`unscaled`), the scales, the
+runs and the relative errors before and after are kept in `measurement.framework_fit`, and
+a profile fitted again starts from its unscaled figures.
 
 The calibration study must be held apart from what is validated: `studies/cpu-calibration.toml`
 uses other shapes than `studies/cpu-validation.toml` and 6 of its 16 model families, so 10
